@@ -1,0 +1,24 @@
+"""The ``cd2p`` command line: thin click commands over the library."""
+
+from __future__ import annotations
+
+import click
+
+from cd2p import __version__
+from cd2p.cli.info import info
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", "-V", prog_name="cd2p")
+def main() -> None:
+    """cd2p: pre-train 3D point-cloud transformers by distilling 2D image knowledge.
+
+    \b
+    Typical workflow:
+      cd2p synthetic scannet OUT      make a small ScanNet-format dataset (offline demo/tests)
+      cd2p prepare scannet ROOT OUT   ScanNet .sens RGB-D videos -> RGB/point-cloud pairs
+      cd2p info                       versions, devices and the geometry-ops backend
+    """
+
+
+main.add_command(info)

@@ -1,0 +1,57 @@
+"""``cd2p info``: what cd2p will run on."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+import click
+import torch
+from rich.table import Table
+
+from cd2p import __version__
+from cd2p.cli._common import console
+from cd2p.ops import cluster_available, resolve_backend
+
+OPTIONAL_PACKAGES = ("torch_cluster", "open_clip_torch", "transformers", "datasets", "trimesh")
+
+
+def environment_report() -> dict[str, str]:
+    """Versions, devices and backends as ``name -> value`` strings."""
+    report = {
+        "cd2p": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda available": str(torch.cuda.is_available()),
+    }
+    if torch.cuda.is_available():
+        report["cuda version"] = str(torch.version.cuda)
+        report["gpu"] = ", ".join(
+            torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
+        )
+        report["bf16 supported"] = str(torch.cuda.is_bf16_supported())
+    else:
+        report["gpu"] = "none"
+        report["bf16 supported"] = "False (CPU runs in fp32)"
+    try:
+        backend = resolve_backend()
+    except (ValueError, RuntimeError) as exc:
+        backend = f"error: {exc}"
+    report["ops backend"] = f"{backend} (torch-cluster {'present' if cluster_available() else 'absent'})"
+    for name in OPTIONAL_PACKAGES:
+        try:
+            report[name] = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            report[name] = "not installed"
+    return report
+
+
+@click.command()
+def info() -> None:
+    """Show cd2p, torch, CUDA / bf16, GPU, ops backend and optional packages."""
+    table = Table(title="cd2p environment", show_header=False)
+    table.add_column(style="bold cyan")
+    table.add_column()
+    for key, value in environment_report().items():
+        table.add_row(key, value)
+    console.print(table)

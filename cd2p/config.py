@@ -1,0 +1,286 @@
+"""Typed recipes: dataclasses loaded from YAML, overridden with ``--set section.key=value``.
+
+A recipe has fixed sections (``model``, ``data``, ``optim``, ``schedule``, ``run`` and one per
+task family). Every key is checked: an unknown key is an error that suggests the closest valid
+name, and every value is converted to its field's type (``1e-3`` is a float, ``null`` is None).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from cd2p._resources import recipe_path
+
+T = TypeVar("T")
+
+Objective = Literal["distill", "distill-no-concept", "distill-clip", "mae", "mae+distill"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used as written (unknown key, wrong type, bad value)."""
+
+
+@dataclass
+class ModelConfig:
+    """The student backbone (DESIGN.md 2)."""
+
+    dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    num_groups: int = 64
+    group_size: int = 32
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.1
+
+    def backbone_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`cd2p.Cd2pBackbone`."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how batches are made."""
+
+    path: str | None = None
+    num_points: int = 4096
+    batch_size: int = 128
+    num_workers: int = 4
+    # Point-MAE's PointcloudScaleAndTranslate: per-axis scale in [low, high], shift in +-translate.
+    scale_low: float = 2.0 / 3.0
+    scale_high: float = 1.5
+    translate: float = 0.2
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer settings."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 10.0
+
+
+@dataclass
+class ScheduleConfig:
+    """Per-step linear warm-up then cosine decay; lengths in epochs unless ``max_steps``."""
+
+    epochs: int = 250
+    warmup_epochs: int = 10
+    min_lr: float = 1e-6
+    max_steps: int | None = None
+
+
+@dataclass
+class RunConfig:
+    """How a run executes and what it records."""
+
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 500
+    # Keep only the newest N checkpoints in RUN/checkpoints (null: keep all).
+    keep_checkpoints: int | None = 2
+    # Run the task's evaluation every N epochs (and at the end); unused by pre-training.
+    eval_every: int = 1
+
+
+@dataclass
+class PretrainConfig:
+    """The pre-training objective (DESIGN.md 3)."""
+
+    objective: Objective = "distill"
+    num_concepts: int = 32
+    mask_ratio: float = 0.6
+    decoder_depth: int = 4
+    # "stored": read targets written by `cd2p prepare teacher`; "on-the-fly": run the teacher.
+    targets: Literal["stored", "on-the-fly"] = "stored"
+    clip_weights: str | None = None
+    clipcap_weights: str | None = None
+    # On-the-fly targets from a seeded RANDOM teacher (not CLIP): tests and offline demos only.
+    random_teacher: bool = False
+
+
+@dataclass
+class Recipe:
+    """A complete run description; saved as ``recipe.yaml`` next to every run's outputs."""
+
+    task: Literal["pretrain", "classification", "partseg", "segmentation", "detection"] = (
+        "pretrain"
+    )
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+# -- conversion ------------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(name: str, valid: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits no type")
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(
+                f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}"
+                + (_suggest(str(value), [str(a) for a in args]) if isinstance(value, str) else "")
+            )
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise RecipeError(f"{where} must be a mapping of keys, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise RecipeError(f"{where} must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise RecipeError(f"{where} must have {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise RecipeError(f"{where} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise RecipeError(f"{where} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise RecipeError(f"{where} must be a string, got {value!r}")
+    raise RecipeError(f"{where}: unsupported field type {tp!r}")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "recipe") -> T:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and converting types."""
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise RecipeError(f"unknown key {key!r} in {where}{_suggest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """A recipe (or section) as plain YAML-ready data."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def apply_overrides(recipe: Recipe, overrides: Iterable[str]) -> Recipe:
+    """Apply ``section.key=value`` strings (values parsed as YAML, then type-checked)."""
+    data = to_dict(recipe)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node: Any = data
+        cls: Any = Recipe
+        for depth, part in enumerate(parts):
+            hints = _field_types(cls)
+            if part not in hints:
+                where = ".".join(parts[:depth]) or "recipe"
+                raise RecipeError(
+                    f"unknown key {part!r} in {where} (from --set {item}){_suggest(part, hints)}"
+                )
+            if depth == len(parts) - 1:
+                node[part] = yaml.safe_load(raw) if raw.strip() else ""
+            else:
+                if not dataclasses.is_dataclass(hints[part]):
+                    raise RecipeError(f"{'.'.join(parts[: depth + 1])} is a value, not a section")
+                node, cls = node[part], hints[part]
+    return from_dict(Recipe, data)
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Read a YAML recipe (a path or a shipped name such as ``pretrain-scannet``)."""
+    resolved = recipe_path(path)
+    try:
+        data = yaml.safe_load(resolved.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{resolved} is not valid YAML: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{resolved} must hold a mapping of sections, got {type(data).__name__}")
+    try:
+        recipe = from_dict(Recipe, data, "recipe")
+    except RecipeError as exc:
+        raise RecipeError(f"{resolved}: {exc}") from None
+    return apply_overrides(recipe, overrides)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The recipe as YAML text."""
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> Path:
+    """Write ``recipe`` as YAML atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(dump_recipe(recipe))
+    os.replace(tmp, path)
+    return path

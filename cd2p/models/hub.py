@@ -1,0 +1,417 @@
+"""Hugging Face Hub integration shared by every cd2p model: strict loading and model cards."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from huggingface_hub import (
+    EvalResult,
+    ModelCard,
+    ModelCardData,
+    PyTorchModelHubMixin,
+    hf_hub_download,
+)
+from safetensors import safe_open
+from safetensors.torch import save_model
+
+from cd2p._resources import hubcard_path
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+class StrictLoadError(ValueError):
+    """Weights that do not match the model exactly (missing, unexpected or mis-shaped keys)."""
+
+
+def load_state_dict_strict(model: torch.nn.Module, path: str | Path) -> None:
+    """Load ``model.safetensors`` into ``model``; any key or shape difference is an error."""
+    path = Path(path)
+    expected = model.state_dict()
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        found = {key: f.get_slice(key).get_shape() for key in f.keys()}  # noqa: SIM118
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        mismatched = sorted(
+            f"{k}: file {tuple(found[k])} vs model {tuple(expected[k].shape)}"
+            for k in set(found) & set(expected)
+            if tuple(found[k]) != tuple(expected[k].shape)
+        )
+        if missing or unexpected or mismatched:
+            lines = [f"{path} does not match {type(model).__name__}:"]
+            for title, keys in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", mismatched),
+            ):
+                if keys:
+                    more = f", ... ({len(keys)} in all)" if len(keys) > 20 else ""
+                    shown = ", ".join(keys[:20]) + more
+                    lines.append(f"  {title}: {shown}")
+            raise StrictLoadError("\n".join(lines))
+        state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    model.load_state_dict(state, strict=True)
+
+
+class Cd2pHubMixin(PyTorchModelHubMixin):
+    """``PyTorchModelHubMixin`` with cd2p's rules: strict safetensors loading on CPU, a
+    ``model_kind`` recorded in ``config.json``, and model cards rendered from ``hubcards/``."""
+
+    model_kind: str = "backbone"
+
+    def __init_subclass__(cls, *args, model_kind: str | None = None, **kwargs) -> None:
+        if model_kind is not None:
+            cls.model_kind = model_kind
+        kwargs.setdefault("library_name", "cd2p")
+        kwargs.setdefault("license", "apache-2.0")
+        kwargs.setdefault("tags", ["point-cloud", "3d", "knowledge-distillation", "cd2p"])
+        kwargs.setdefault("model_card_template", hubcard_path(cls.model_kind).read_text())
+        super().__init_subclass__(*args, **kwargs)
+
+    # -- saving -----------------------------------------------------------------------------
+    def _save_pretrained(self, save_directory: Path) -> None:
+        # Written under a temporary name and renamed, so a crash never leaves half a file.
+        target = Path(save_directory) / WEIGHTS_NAME
+        fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=save_directory)
+        os.close(fd)
+        try:
+            save_model(self, tmp, metadata={"format": "pt", "cd2p_model_kind": self.model_kind})
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        config = dict(self._hub_mixin_config or {})
+        config["model_kind"] = self.model_kind
+        text = json.dumps(config, sort_keys=True, indent=2)
+        (Path(save_directory) / CONFIG_NAME).write_text(text)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any):  # noqa: D102
+        kwargs.setdefault("model_card_kwargs", {})
+        return super().save_pretrained(save_directory, **kwargs)
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        """Render ``hubcards/<model_kind>.md`` with the config, size and any run details.
+
+        Keyword arguments (all optional): ``repo_id``, ``metrics`` (name -> number, the run's
+        evaluation), ``recipe`` (a recipe dataclass, a mapping or YAML text), ``training``
+        (label -> value, e.g. steps), ``dataset`` (a name, or a mapping with ``name``, ``id``,
+        ``split``) and ``base_model`` (the Hub id it was fine-tuned from). The YAML metadata
+        (license, tags, datasets, ``base_model``, ``model-index``) is built with
+        ``ModelCardData`` / ``EvalResult`` so that the Hub reads it.
+        """
+        context = card_context(
+            model_kind=self.model_kind,
+            class_name=type(self).__name__,
+            config=dict(self._hub_mixin_config or {}),
+            num_parameters=sum(p.numel() for p in self.parameters()),
+            **kwargs,
+        )
+        card_data = card_metadata(context, self._hub_mixin_info.model_card_data)
+        return ModelCard.from_template(
+            card_data=card_data,
+            template_str=self._hub_mixin_info.model_card_template,
+            repo_url=self._hub_mixin_info.repo_url,
+            paper_url=self._hub_mixin_info.paper_url,
+            docs_url=self._hub_mixin_info.docs_url,
+            **context,
+        )
+
+    # -- loading ----------------------------------------------------------------------------
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        **model_kwargs: Any,
+    ):
+        if not strict:
+            raise ValueError("cd2p models always load strictly; convert foreign checkpoints first")
+        if os.path.isdir(model_id):
+            model_file = os.path.join(model_id, WEIGHTS_NAME)
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                if not os.path.isfile(os.path.join(model_id, name)):
+                    raise FileNotFoundError(
+                        f"{os.path.join(model_id, name)} not found: "
+                        "not a saved cd2p model directory"
+                    )
+        else:
+            model_file = hf_hub_download(
+                repo_id=model_id,
+                filename=WEIGHTS_NAME,
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                token=token,
+                local_files_only=local_files_only,
+            )
+        model = cls(**model_kwargs)
+        load_state_dict_strict(model, model_file)
+        model.to(map_location)
+        model.eval()
+        return model
+
+
+# -- model cards -----------------------------------------------------------------------------
+
+# What each kind is evaluated on, for the Hub's ``model-index`` (task type and default dataset).
+TASKS: dict[str, dict[str, str]] = {
+    "backbone": {"type": "feature-extraction", "name": "3D point-cloud pre-training"},
+    "pretrain": {"type": "feature-extraction", "name": "3D point-cloud pre-training"},
+    "classification": {"type": "point-cloud-classification", "name": "3D object classification"},
+    "partseg": {"type": "point-cloud-part-segmentation", "name": "3D part segmentation"},
+    "segmentation": {"type": "point-cloud-segmentation", "name": "3D semantic segmentation"},
+    "detection": {"type": "3d-object-detection", "name": "3D object detection"},
+}
+
+KIND_TAGS: dict[str, list[str]] = {
+    "backbone": ["feature-extraction", "self-supervised-learning"],
+    "pretrain": ["feature-extraction", "self-supervised-learning"],
+    "classification": ["point-cloud-classification"],
+    "partseg": ["part-segmentation"],
+    "segmentation": ["semantic-segmentation"],
+    "detection": ["3d-object-detection"],
+}
+
+# Benchmarks recognised in recipe / data names: slug -> (display name, Hub-style dataset id).
+KNOWN_DATASETS: dict[str, tuple[str, str]] = {
+    "modelnet40": ("ModelNet40", "modelnet40"),
+    "scanobjectnn": ("ScanObjectNN", "scanobjectnn"),
+    "shapenetpart": ("ShapeNetPart", "shapenetpart"),
+    "scannet": ("ScanNetV2", "scannet"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperResult:
+    """One row of REFERENCE.md: a metric of the paper, its baselines, and the run metric names
+    (normalised, see :func:`_norm`) that measure the same thing."""
+
+    label: str
+    aliases: tuple[str, ...]
+    scratch: float | None
+    point_mae: float | None
+    paper: float
+
+
+_CLS = [
+    PaperResult("ModelNet40 OA, voting (%)",
+                ("oa_vote", "oa_voting", "overall_accuracy_vote", "overall_accuracy_voting",
+                 "accuracy_vote", "vote_oa", "vote_overall_accuracy"), 92.1, 92.5, 93.0),
+    PaperResult("ModelNet40 OA, no voting (%)",
+                ("oa", "overall_accuracy", "accuracy", "acc"), 92.38, 92.42, 92.71),
+]
+_PARTSEG = [
+    PaperResult("ShapeNetPart instance mIoU (%)",
+                ("instance_miou", "ins_miou", "miou_instance", "instance_mean_iou"),
+                85.1, 85.9, 85.9),
+]
+_SEG = [PaperResult("ScanNetV2 mIoU (%)", ("miou", "mean_iou"), 37.0, 45.4, 46.4)]
+_DET = [
+    PaperResult("ScanNetV2 mAP@0.25 (%)", ("map_0_25", "map25", "map_25", "ap_0_25"),
+                61.1, 62.1, 63.4),
+    PaperResult("ScanNetV2 mAP@0.5 (%)", ("map_0_5", "map50", "map_50", "ap_0_5"),
+                40.2, 41.2, 42.2),
+]
+PAPER_RESULTS: dict[str, list[PaperResult]] = {
+    "backbone": _CLS + _PARTSEG + _SEG + _DET,
+    "pretrain": _CLS + _PARTSEG + _SEG + _DET,
+    "classification": _CLS,
+    "partseg": _PARTSEG,
+    "segmentation": _SEG,
+    "detection": _DET,
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _norm(name: str) -> str:
+    """``"mAP@0.25"`` -> ``"map_0_25"``: metric names compared case- and punctuation-free."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _recipe_dict(recipe: Any) -> dict[str, Any] | None:
+    if recipe is None:
+        return None
+    if dataclasses.is_dataclass(recipe) and not isinstance(recipe, type):
+        return dataclasses.asdict(recipe)
+    if isinstance(recipe, str):
+        loaded = yaml.safe_load(recipe)
+        return dict(loaded) if isinstance(loaded, Mapping) else None
+    if isinstance(recipe, Mapping):
+        return dict(recipe)
+    raise TypeError(f"recipe must be a dataclass, a mapping or YAML text, got {type(recipe)}")
+
+
+def _find_key(tree: Any, names: tuple[str, ...]) -> Any:
+    """First value of a key in ``names`` anywhere in a nested mapping (sections first-level)."""
+    if not isinstance(tree, Mapping):
+        return None
+    for name in names:
+        if tree.get(name) not in (None, ""):
+            return tree[name]
+    for value in tree.values():
+        found = _find_key(value, names)
+        if found not in (None, ""):
+            return found
+    return None
+
+
+def _dataset_info(dataset: Any, recipe: dict[str, Any] | None) -> dict[str, str] | None:
+    """``{"name", "id", "split"}`` of the evaluation data, from an explicit value or the recipe."""
+    if isinstance(dataset, Mapping):
+        info = {k: str(v) for k, v in dataset.items() if v is not None}
+    elif isinstance(dataset, str) and dataset:
+        info = {"name": dataset}
+    else:
+        info = {}
+        if recipe is not None:
+            hint = _find_key(recipe.get("data"), ("dataset", "name", "variant")) or ""
+            path = (recipe.get("data") or {}).get("path") or ""
+            text = _norm(f"{hint} {Path(str(path)).name} {recipe.get('description', '')}")
+            for slug, (name, hub_id) in KNOWN_DATASETS.items():
+                if slug in text.replace("_", ""):
+                    info = {"name": name, "id": hub_id}
+                    break
+            else:
+                if hint or path:
+                    info = {"name": str(hint or Path(str(path)).name)}
+    if not info.get("name"):
+        return None
+    if "id" not in info:
+        slug = _norm(info["name"]).replace("_", "")
+        info["id"] = KNOWN_DATASETS.get(slug, (info["name"], _norm(info["name"])))[1]
+    return info
+
+
+def _training_summary(recipe: dict[str, Any] | None) -> dict[str, Any]:
+    """Readable facts of a recipe: objective, schedule, optimizer, points and patches."""
+    if not recipe:
+        return {}
+    out: dict[str, Any] = {"task": recipe.get("task")}
+    objective = (recipe.get("pretrain") or {}).get("objective")
+    if recipe.get("task") == "pretrain" and objective:
+        out["objective"] = objective
+    schedule = recipe.get("schedule") or {}
+    if schedule.get("max_steps"):
+        out["steps"] = schedule["max_steps"]
+    elif schedule.get("epochs"):
+        out["epochs"] = f"{schedule['epochs']} (warm-up {schedule.get('warmup_epochs', 0)})"
+    optim = recipe.get("optim") or {}
+    if optim.get("name"):
+        out["optimizer"] = (
+            f"{optim['name']}, lr {optim.get('lr')}, weight decay {optim.get('weight_decay')}"
+        )
+    data = recipe.get("data") or {}
+    if data.get("batch_size"):
+        out["batch size"] = data["batch_size"]
+    if data.get("num_points"):
+        out["points per sample"] = data["num_points"]
+    return {k: v for k, v in out.items() if v not in (None, "")}
+
+
+def card_context(
+    *,
+    model_kind: str,
+    class_name: str,
+    config: dict[str, Any],
+    num_parameters: int,
+    repo_id: str | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    recipe: Any = None,
+    training: Mapping[str, Any] | None = None,
+    dataset: Any = None,
+    base_model: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Everything a ``hubcards/`` template may use (see ``generate_model_card``).
+
+    Adds, derived from the inputs: ``recipe_yaml`` (text), ``dataset`` (mapping or None),
+    ``base_model`` (a Hub id or None), ``comparison`` (rows ``label, value, scratch,
+    point_mae, paper`` of the paper's results with this model's matching metric) and
+    ``task`` (``type``, ``name``).
+    """
+    recipe_dict = _recipe_dict(recipe)
+    metrics = dict(metrics or {})
+    if base_model is None and recipe_dict is not None:
+        init = _find_key(recipe_dict, ("init", "init_from", "pretrained", "base_model"))
+        # A Hub id, not a local directory: only those can be linked as the base model.
+        if isinstance(init, str) and _HUB_ID.match(init) and not Path(init).exists():
+            base_model = init
+    summary = _training_summary(recipe_dict)
+    summary.update(training or {})
+    normed = {_norm(k): v for k, v in metrics.items() if _is_number(v)}
+    comparison = []
+    for row in PAPER_RESULTS.get(model_kind, []):
+        value = next((normed[a] for a in row.aliases if a in normed), None)
+        if value is not None and abs(value) <= 1.0:  # fractions -> percent, as in the paper
+            value = 100.0 * value
+        comparison.append({**dataclasses.asdict(row), "value": value})
+    return {
+        "model_kind": model_kind,
+        "class_name": class_name,
+        "config": config,
+        "num_parameters": num_parameters,
+        "repo_id": repo_id or "path/to/model",
+        "metrics": metrics,
+        "recipe": recipe_dict,
+        "recipe_yaml": yaml.safe_dump(recipe_dict, sort_keys=False) if recipe_dict else "",
+        "training": summary,
+        "dataset": _dataset_info(dataset, recipe_dict),
+        "base_model": base_model,
+        "comparison": comparison,
+        "task": TASKS.get(model_kind, {"type": model_kind, "name": model_kind}),
+        **extra,
+    }
+
+
+def card_metadata(context: Mapping[str, Any], base: ModelCardData) -> ModelCardData:
+    """The YAML header: the class defaults (library, license, tags) plus this model's datasets,
+    ``base_model`` and evaluation results (``model-index``)."""
+    data = ModelCardData(**base.to_dict())
+    data.tags = list(dict.fromkeys([*(data.tags or []), *KIND_TAGS.get(context["model_kind"], [])]))
+    dataset = context.get("dataset")
+    if dataset:
+        data.datasets = [dataset["id"]]
+    if context.get("base_model"):
+        data.base_model = context["base_model"]
+    repo_id = context.get("repo_id") or "path/to/model"
+    data.model_name = repo_id.split("/")[-1] if repo_id != "path/to/model" else (
+        f"cd2p-{context['model_kind']}"
+    )
+    numeric = {k: v for k, v in (context.get("metrics") or {}).items() if _is_number(v)}
+    if numeric:
+        task = context["task"]
+        data.eval_results = [
+            EvalResult(
+                task_type=task["type"],
+                task_name=task["name"],
+                dataset_type=dataset["id"] if dataset else "unspecified",
+                dataset_name=dataset["name"] if dataset else "unspecified",
+                dataset_split=(dataset or {}).get("split"),
+                metric_type=_norm(name),
+                metric_name=name,
+                metric_value=float(value),
+            )
+            for name, value in numeric.items()
+        ]
+    return data

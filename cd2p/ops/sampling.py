@@ -1,0 +1,77 @@
+"""Farthest point sampling."""
+
+from __future__ import annotations
+
+import torch
+
+from cd2p.ops._checks import check_points
+from cd2p.ops.backend import resolve_backend
+
+
+def farthest_point_sample(
+    points: torch.Tensor,
+    num_samples: int,
+    random_start: bool = False,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Iterative farthest point sampling.
+
+    Args:
+        points: ``(B, N, 3)`` coordinates.
+        num_samples: ``M``, the number of points to pick (``M <= N``).
+        random_start: start each cloud at a random point instead of point 0.
+        generator: RNG for the random start.
+        backend: ``"torch"``, ``"cluster"`` or ``"auto"``; default from ``CD2P_OPS_BACKEND``.
+
+    Returns:
+        ``(B, M)`` int64 indices into ``N``; the first is 0 unless ``random_start``.
+    """
+    check_points("points", points)
+    batch, n, _ = points.shape
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if num_samples > n:
+        raise ValueError(f"cannot sample {num_samples} centers from a cloud of only {n} points")
+    if random_start:
+        start = torch.randint(n, (batch,), generator=generator, device="cpu").to(points.device)
+    else:
+        start = torch.zeros(batch, dtype=torch.long, device=points.device)
+    if resolve_backend(backend) == "cluster":
+        return _fps_cluster(points, num_samples, start)
+    return _fps_torch(points, num_samples, start)
+
+
+@torch.no_grad()
+def _fps_torch(points: torch.Tensor, m: int, start: torch.Tensor) -> torch.Tensor:
+    batch, n, _ = points.shape
+    pts = points.float()
+    idx = torch.empty(batch, m, dtype=torch.long, device=points.device)
+    nearest = torch.full((batch, n), float("inf"), device=points.device)
+    arange = torch.arange(batch, device=points.device)
+    current = start
+    for i in range(m):
+        idx[:, i] = current
+        chosen = pts[arange, current].unsqueeze(1)  # (B, 1, 3)
+        dist = (pts - chosen).square().sum(-1)  # (B, N)
+        torch.minimum(nearest, dist, out=nearest)
+        current = nearest.argmax(dim=1)
+    return idx
+
+
+@torch.no_grad()
+def _fps_cluster(points: torch.Tensor, m: int, start: torch.Tensor) -> torch.Tensor:
+    import torch_cluster
+
+    batch, n, _ = points.shape
+    if bool((start != 0).any()):
+        # torch-cluster picks its own random start; rotate each cloud so ours comes first.
+        order = (torch.arange(n, device=points.device).unsqueeze(0) + start.unsqueeze(1)) % n
+        rotated = torch.gather(points, 1, order.unsqueeze(-1).expand(-1, -1, 3))
+        return torch.gather(order, 1, _fps_cluster(rotated, m, torch.zeros_like(start)))
+    flat = points.reshape(batch * n, 3).float()
+    batch_vec = torch.arange(batch, device=points.device).repeat_interleave(n)
+    # ceil(ratio * n) == m exactly; half a point of slack absorbs float rounding.
+    ratio = (m - 0.5) / n
+    picked = torch_cluster.fps(flat, batch_vec, ratio=ratio, random_start=False)
+    return (picked.view(batch, m) - (torch.arange(batch, device=points.device) * n)[:, None]).long()

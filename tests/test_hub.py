@@ -1,0 +1,71 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cd2p import Cd2pBackbone
+from cd2p.models.hub import StrictLoadError
+
+SMALL = dict(dim=32, depth=2, num_heads=2, num_groups=8, group_size=8)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = Cd2pBackbone(**SMALL).eval()
+    model.save_pretrained(tmp_path / "model")
+    return model, tmp_path / "model"
+
+
+def test_round_trip_gives_identical_outputs(saved):
+    model, path = saved
+    assert sorted(p.name for p in path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_kind"] == "backbone" and config["dim"] == 32 and config["depth"] == 2
+    loaded = Cd2pBackbone.from_pretrained(path)
+    assert not loaded.training
+    pts = torch.rand(2, 128, 3)
+    assert torch.equal(model(pts).tokens, loaded(pts).tokens)
+
+
+def test_model_card_is_rendered_from_hubcards(saved):
+    _, path = saved
+    card = (path / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: cd2p" in card
+    assert "Cd2pBackbone.from_pretrained" in card and "32 / 2 / 2" in card
+
+
+def test_strict_loading_names_missing_unexpected_and_mismatched_keys(saved):
+    _, path = saved
+    state = load_file(path / "model.safetensors")
+    del state["norm.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    state["pos_embed.2.bias"] = torch.zeros(5)
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(StrictLoadError) as err:
+        Cd2pBackbone.from_pretrained(path)
+    text = str(err.value)
+    assert "missing keys: norm.weight" in text
+    assert "unexpected keys: extra.weight" in text
+    assert "pos_embed.2.bias: file (5,) vs model (32,)" in text
+    assert str(path / "model.safetensors") in text
+
+
+def test_not_a_model_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        Cd2pBackbone.from_pretrained(tmp_path)
+
+
+def test_load_by_repo_id_from_offline_cache(saved, tmp_path, monkeypatch):
+    model, path = saved
+    cache = tmp_path / "hub"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--org--cd2p-tiny" / "snapshots" / revision
+    shutil.copytree(path, snapshot)
+    (cache / "models--org--cd2p-tiny" / "refs").mkdir(parents=True)
+    (cache / "models--org--cd2p-tiny" / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = Cd2pBackbone.from_pretrained("org/cd2p-tiny", cache_dir=cache)
+    pts = torch.rand(1, 128, 3)
+    assert torch.equal(model(pts).tokens, loaded(pts).tokens)
