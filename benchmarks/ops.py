@@ -45,7 +45,8 @@ def main() -> None:
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     backends = ["torch"] + (["cluster"] if cluster_available() else [])
 
-    table = Table(title=f"cd2p.ops: best of {args.repeats}, ms per call (torch {torch.__version__})")
+    title = f"cd2p.ops: best of {args.repeats}, ms per call (torch {torch.__version__})"
+    table = Table(title=title)
     for col in ("device", "op", "B x N -> M"):
         table.add_column(col)
     for backend in backends:
@@ -56,11 +57,15 @@ def main() -> None:
         for b, n, m in SIZES:
             points = torch.rand(b, n, 3, device=device)
             centers = points[:, :m].contiguous()
-            for op, call in (
-                ("fps", lambda be: farthest_point_sample(points, m, backend=be)),
-                (f"knn K={K}", lambda be: knn(centers, points, K, backend=be)),
-            ):
-                times = [timed(lambda be=be: call(be), device, args.repeats) for be in backends]
+            calls = {
+                "fps": lambda be, p=points, m=m: farthest_point_sample(p, m, backend=be),
+                f"knn K={K}": lambda be, c=centers, p=points: knn(c, p, K, backend=be),
+            }
+            for op, call in calls.items():
+                times = [
+                    timed(lambda be=be, call=call: call(be), device, args.repeats)
+                    for be in backends
+                ]
                 row = [device, op, f"{b} x {n} -> {m}"] + [f"{t:.1f}" for t in times]
                 if len(times) == 2:
                     row.append(f"{times[0] / times[1]:.2f}x")

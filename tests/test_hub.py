@@ -20,7 +20,8 @@ def saved(tmp_path):
 
 def test_round_trip_gives_identical_outputs(saved):
     model, path = saved
-    assert sorted(p.name for p in path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    names = sorted(p.name for p in path.iterdir())
+    assert names == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((path / "config.json").read_text())
     assert config["model_kind"] == "backbone" and config["dim"] == 32 and config["depth"] == 2
     loaded = Cd2pBackbone.from_pretrained(path)

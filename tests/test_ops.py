@@ -142,4 +142,6 @@ def test_cluster_backend_gives_the_same_indices():
         farthest_point_sample(pts, 40, backend="cluster"),
     )
     queries = pts[:, :40]
-    assert torch.equal(knn(queries, pts, 8, backend="torch"), knn(queries, pts, 8, backend="cluster"))
+    assert torch.equal(
+        knn(queries, pts, 8, backend="torch"), knn(queries, pts, 8, backend="cluster")
+    )

@@ -37,7 +37,8 @@ def environment_report() -> dict[str, str]:
         backend = resolve_backend()
     except (ValueError, RuntimeError) as exc:
         backend = f"error: {exc}"
-    report["ops backend"] = f"{backend} (torch-cluster {'present' if cluster_available() else 'absent'})"
+    cluster = "present" if cluster_available() else "absent"
+    report["ops backend"] = f"{backend} (torch-cluster {cluster})"
     for name in OPTIONAL_PACKAGES:
         try:
             report[name] = importlib.metadata.version(name.replace("_", "-"))

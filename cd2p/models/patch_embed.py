@@ -20,7 +20,10 @@ class PatchEmbed(nn.Module):
             nn.Conv1d(3, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True), nn.Conv1d(128, 256, 1)
         )
         self.second_conv = nn.Sequential(
-            nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Conv1d(512, dim, 1)
+            nn.Conv1d(512, 512, 1),
+            nn.BatchNorm1d(512),
+            nn.ReLU(inplace=True),
+            nn.Conv1d(512, dim, 1),
         )
 
     def forward(self, neighborhoods: torch.Tensor) -> torch.Tensor:
