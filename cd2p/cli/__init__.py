@@ -6,6 +6,7 @@ import click
 
 from cd2p import __version__
 from cd2p.cli.info import info
+from cd2p.cli.synthetic import synthetic
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -22,3 +23,4 @@ def main() -> None:
 
 
 main.add_command(info)
+main.add_command(synthetic)
