@@ -6,6 +6,7 @@ import click
 
 from cd2p import __version__
 from cd2p.cli.info import info
+from cd2p.cli.prepare import prepare
 from cd2p.cli.synthetic import synthetic
 
 
@@ -23,4 +24,5 @@ def main() -> None:
 
 
 main.add_command(info)
+main.add_command(prepare)
 main.add_command(synthetic)

@@ -1,0 +1,111 @@
+"""``cd2p prepare ...``: raw datasets -> what training reads. Subcommands add themselves here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from cd2p.cli._common import Cd2pError, console, parse_shard, user_errors
+from cd2p.cli.prepare_teacher import teacher
+
+
+@click.group()
+def prepare() -> None:
+    """Turn raw datasets into the prepared form training reads (resumable, shardable)."""
+
+
+@prepare.command("scannet")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--frame-skip", default=25, show_default=True, type=click.IntRange(min=1),
+              help="Keep frames 0, K, 2K, ... of every scene.")
+@click.option("--points", "num_points", default=4096, show_default=True,
+              type=click.IntRange(min=1), help="Points per pair (voxel grid, then sampling).")
+@click.option("--split", type=click.Choice(["train", "val", "all"]), default="train",
+              show_default=True,
+              help="Scenes of scannetv2_<split>.txt (found at ROOT, ROOT/meta or ROOT/..); "
+                   "'all' = every scans/<scene>/ with a .sens.")
+@click.option("--scenes", "scenes_file", type=click.Path(exists=True, dir_okay=False,
+              path_type=Path), default=None,
+              help="Text file of scene ids, one per line (overrides --split).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Processes over scenes (use the number of cores).")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Prepare only part I of N of the sorted scene list (one part per machine; "
+                   "the parts' OUT directories load together).")
+@click.option("--min-valid-points", default=1024, show_default=True,
+              type=click.IntRange(min=1),
+              help="Skip frames with fewer valid depth pixels than this.")
+@click.option("--max-depth", default=6.0, show_default=True, type=click.FloatRange(min=0,
+              min_open=True), help="Drop depth beyond this many metres (sensor noise).")
+@click.option("--voxel-size", default=0.02, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Voxel edge in metres for evening out the point density before sampling.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Base seed of the per-frame point sampling.")
+@user_errors
+def scannet(root: Path, out: Path, frame_skip: int, num_points: int, split: str,
+            scenes_file: Path | None, workers: int, shard: str | None, min_valid_points: int,
+            max_depth: float, voxel_size: float, seed: int) -> None:
+    """ScanNet v2 .sens RGB-D videos in ROOT -> RGB/point-cloud pairs in OUT.
+
+    Every --frame-skip-th frame becomes one pair: the colour JPEG as stored in the .sens, and
+    the depth back-projected to a gravity-aligned, centred cloud of --points points. Frames
+    with an invalid pose or too little depth are skipped and counted.
+
+    \b
+    OUT/scenes/<scene_id>/   one Hugging Face dataset per scene (datasets.load_from_disk)
+    OUT/prepare_report.json  scenes, frames read, pairs, skips by reason, errors, speed
+
+    Re-running the same command resumes: finished scenes are kept, half-written ones redone.
+    Scenes with missing or corrupt files are skipped, listed in the report, and make the
+    command exit with status 1 at the end.
+    """
+    from cd2p.data.scannet_pairs import prepare_scannet, report_name
+
+    shard_index = parse_shard(shard)
+    report = prepare_scannet(
+        root, out, frame_skip=frame_skip, num_points=num_points, split=split,
+        scenes_file=scenes_file, workers=workers, shard=shard_index,
+        min_valid_points=min_valid_points, max_depth=max_depth, voxel_size=voxel_size,
+        seed=seed, progress=True,
+    )
+    console.print(summary_table(report))
+    console.print(f"report: {out / report_name(shard_index)}")
+    if report["errors"]:
+        for error in report["errors"]:
+            console.print(f"[red]failed[/] {error['scene']}: {error['error']}")
+        raise Cd2pError(
+            f"{len(report['errors'])} scene(s) failed (listed above and in the report); "
+            "the other scenes are complete, fix the files and re-run to add them"
+        )
+
+
+def summary_table(report: dict[str, Any]) -> Table:
+    """The end-of-run summary of a ``prepare scannet`` report."""
+    scenes = report["scenes"]
+    table = Table(title="cd2p prepare scannet", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("scenes", str(scenes["total"]))
+    table.add_row("  prepared now", str(scenes["prepared"]))
+    table.add_row("  already done (resumed)", str(scenes["resumed"]))
+    table.add_row("  failed", f"[red]{scenes['failed']}[/]" if scenes["failed"] else "0")
+    table.add_row("frames in files", str(report["frames_in_files"]))
+    table.add_row("frames considered (skip)", str(report["frames_considered"]))
+    table.add_row("frames read", str(report["frames_read"]))
+    for reason, count in report["frames_skipped"].items():
+        table.add_row(f"  skipped: {reason.replace('_', ' ')}", str(count))
+    table.add_row("pairs written (total)", str(report["pairs_written"]))
+    table.add_row("seconds", f"{report['seconds']:.1f}")
+    rate = report["pairs_per_second"]
+    table.add_row("pairs/s (this run)", "-" if rate is None else f"{rate:.1f}")
+    mbps = report["sens_mb_per_second"]
+    table.add_row(".sens MB/s (this run)", "-" if mbps is None else f"{mbps:.1f}")
+    return table
+
+
+prepare.add_command(teacher)

@@ -1,0 +1,196 @@
+"""Prepared ScanNet RGB/point pairs for training: a torch ``Dataset`` over one or more OUT dirs.
+
+``cd2p prepare scannet ROOT OUT`` writes ``OUT/scenes/<scene_id>/`` (one Hugging Face dataset
+per scene) and ``cd2p prepare teacher`` adds ``OUT/targets/<name>/<scene_id>.safetensors``
+(one float16 tensor ``"targets"`` of shape ``(rows, T, C)`` in the scene's row order). Several
+OUT directories (the parts of a ``--shard I/N`` run) load together as one dataset.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from cd2p.data.scannet_pairs import SCENE_STATS_FILE, TMP_PREFIX
+
+DATASET_STATE_FILE = "state.json"  # written last by datasets' save_to_disk
+
+
+def _as_roots(roots: str | Path | Sequence[str | Path]) -> list[Path]:
+    if isinstance(roots, str | Path):
+        return [Path(roots)]
+    roots = [Path(r) for r in roots]
+    if not roots:
+        raise ValueError("no prepared directories given")
+    return roots
+
+
+def scene_dirs(roots: str | Path | Sequence[str | Path]) -> list[Path]:
+    """All complete scene datasets under one or several prepared OUT directories.
+
+    Temporary directories of scenes still being written (``scenes/.tmp-*``) are ignored. The
+    result is sorted by scene id; a scene present under two roots is an error (two shards of
+    one run never share a scene, so it means the same data was given twice).
+    """
+    found: dict[str, Path] = {}
+    for root in _as_roots(roots):
+        scenes = root / "scenes"
+        if not scenes.is_dir():
+            raise FileNotFoundError(
+                f"{scenes} not found: {root} is not an output of `cd2p prepare scannet`"
+            )
+        for path in scenes.iterdir():
+            if path.name.startswith((".", TMP_PREFIX)) or not path.is_dir():
+                continue
+            if not (path / DATASET_STATE_FILE).is_file():
+                continue
+            if path.name in found:
+                raise ValueError(
+                    f"scene {path.name} is in both {found[path.name]} and {path}; "
+                    "give each prepared part once"
+                )
+            found[path.name] = path
+    return [found[name] for name in sorted(found)]
+
+
+def _scene_rows(path: Path) -> int:
+    stats = path / SCENE_STATS_FILE
+    if stats.is_file():
+        return int(json.loads(stats.read_text(encoding="utf-8"))["pairs"])
+    from datasets import load_from_disk
+
+    return len(load_from_disk(str(path)))
+
+
+def target_file(scene_dir: Path, name: str) -> Path:
+    """``OUT/targets/<name>/<scene_id>.safetensors`` for ``OUT/scenes/<scene_id>``."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise ValueError(f"invalid target name {name!r}")
+    return scene_dir.parent.parent / "targets" / name / f"{scene_dir.name}.safetensors"
+
+
+class PairDataset(Dataset):
+    """Pairs of one or several prepared OUT directories, scene by scene in scene-id order.
+
+    Args:
+        roots: one OUT directory or several (e.g. the parts of a ``--shard`` run).
+        target: name of teacher targets to return (``"prefix"``, ``"clip"``...), read from
+            ``OUT/targets/<target>/<scene_id>.safetensors``; every scene must have them.
+        with_image: also return the colour JPEG bytes.
+
+    Item ``i`` is a dict: ``points`` float32 ``(P, 3)``, ``scene_id`` str, ``frame_index``
+    int, and ``target`` float32 ``(T, C)`` / ``image`` bytes when asked for.
+
+    Only paths and row counts are held until the first item is read; datasets (memory-mapped
+    Arrow files) and target files are then opened lazily in each process, so the object is
+    cheap to send to DataLoader workers, with fork or spawn.
+    """
+
+    def __init__(
+        self,
+        roots: str | Path | Sequence[str | Path],
+        target: str | None = None,
+        with_image: bool = False,
+    ) -> None:
+        self.scene_paths = scene_dirs(roots)
+        self.scene_ids = [p.name for p in self.scene_paths]
+        self.rows = [_scene_rows(p) for p in self.scene_paths]
+        self.offsets = [0]
+        for count in self.rows:
+            self.offsets.append(self.offsets[-1] + count)
+        self.target = target
+        self.with_image = with_image
+        self.target_paths: list[Path] = []
+        if target is not None:
+            self.target_paths = [target_file(p, target) for p in self.scene_paths]
+            for path, rows in zip(self.target_paths, self.rows, strict=True):
+                self._check_targets(path, rows)
+        self._reset()
+
+    # ------------------------------------------------------------------ per-process state
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._datasets: dict[int, Any] = {}
+        self._targets: dict[int, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_datasets"], state["_targets"] = {}, {}  # reopened lazily in the new process
+        return state
+
+    @staticmethod
+    def _check_targets(path: Path, rows: int) -> None:
+        from safetensors import safe_open
+
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"teacher targets {path} not found (run `cd2p prepare teacher` for this OUT)"
+            )
+        with safe_open(str(path), framework="pt") as handle:
+            if "targets" not in handle.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                raise ValueError(f"{path}: no tensor named 'targets'")
+            shape = handle.get_slice("targets").get_shape()
+        if len(shape) != 3 or shape[0] != rows:
+            raise ValueError(
+                f"{path}: targets have shape {tuple(shape)}, expected ({rows}, T, C) "
+                "for the scene's rows"
+            )
+
+    def _scene(self, scene: int) -> Any:
+        if os.getpid() != self._pid:  # a forked worker: do not share file handles
+            self._reset()
+        dataset = self._datasets.get(scene)
+        if dataset is None:
+            from datasets import Image, load_from_disk
+
+            dataset = load_from_disk(str(self.scene_paths[scene]))
+            columns = ["points", "scene_id", "frame_index"]
+            if self.with_image:
+                columns.append("image")
+                dataset = dataset.cast_column("image", Image(decode=False))
+            dataset = dataset.select_columns(columns).with_format("numpy")
+            self._datasets[scene] = dataset
+        return dataset
+
+    def _target_slice(self, scene: int) -> Any:
+        handle = self._targets.get(scene)
+        if handle is None:
+            from safetensors import safe_open
+
+            handle = safe_open(str(self.target_paths[scene]), framework="pt")
+            self._targets[scene] = handle
+        return handle.get_slice("targets")
+
+    # ------------------------------------------------------------------ Dataset API
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """``(scene position, row within that scene)`` of item ``index``."""
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"pair {index} out of range ({len(self)} pairs)")
+        scene = bisect.bisect_right(self.offsets, index) - 1
+        return scene, index - self.offsets[scene]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        scene, row = self.locate(index)
+        record = self._scene(scene)[row]
+        item: dict[str, Any] = {
+            "points": torch.from_numpy(record["points"].astype("float32", copy=False)),
+            "scene_id": str(record["scene_id"]),
+            "frame_index": int(record["frame_index"]),
+        }
+        if self.target is not None:
+            item["target"] = self._target_slice(scene)[row].float()
+        if self.with_image:
+            item["image"] = bytes(record["image"]["bytes"])
+        return item

@@ -1,0 +1,745 @@
+"""ScanNet ``.sens`` RGB-D videos -> RGB/point-cloud pairs (one Hugging Face dataset per scene).
+
+Every ``frame_skip``-th frame of a scene becomes one pair:
+
+* ``image``: the colour JPEG bytes exactly as stored in the ``.sens`` (never re-encoded);
+* ``points``: ``(num_points, 3)`` float32, the depth image back-projected with the depth
+  intrinsics, moved to world coordinates by the frame's camera-to-world pose, rotated into
+  ScanNet's gravity-aligned frame by the scene's ``axisAlignment`` (from ``<scene>.txt``;
+  identity when the file or the key is absent), then centred (centroid at the origin);
+* ``scene_id``, ``frame_index``, ``pose`` (the camera-to-world pose as stored in the
+  ``.sens``), ``intrinsic_color`` and ``intrinsic_depth``.
+
+Point reduction: a depth frame has up to 640x480 = 307 k points, dense near the camera and
+sparse far away. We first keep one point per occupied ``voxel_size`` voxel (so a wall 4 m
+away weighs as much as a chair 1 m away), then draw exactly ``num_points`` of those at random
+(without replacement; with replacement only for the shortfall when fewer voxels are
+occupied). The generator is seeded from ``(seed, scene_id, frame_index)``, so the output does
+not depend on ``--workers``, ``--shard`` or resuming.
+
+Layout of ``OUT`` (see :mod:`cd2p.data.pairs` for reading it)::
+
+    OUT/prepare_config.json                 settings; a resumed run must use the same ones
+    OUT/prepare_report.json                 (prepare_report.shard-I-of-N.json for shards)
+    OUT/scenes/<scene_id>/                  one ``datasets`` dataset per scene (save_to_disk)
+    OUT/scenes/<scene_id>/cd2p_scene.json   per-scene statistics
+    OUT/scenes/.tmp-<scene_id>/             a scene being written (renamed when complete)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cd2p.data.scannet_files import axis_alignment, read_scene_meta
+
+FORMAT_VERSION = 1
+SCENE_STATS_FILE = "cd2p_scene.json"
+CONFIG_FILE = "prepare_config.json"
+TMP_PREFIX = ".tmp-"
+SKIP_REASONS = ("invalid_pose", "too_few_valid_depth")
+TIMING_KEYS = ("read", "depth_decode", "backproject", "sampling", "write")
+SPLIT_FILES = {"train": "scannetv2_train.txt", "val": "scannetv2_val.txt"}
+JPEG = 2  # .sens colour compression code for JPEG
+# Errors that mean "this scene's files are bad", recorded in the report instead of stopping
+# a run over 1500 scans; anything else is a bug and stops the run.
+SCENE_ERRORS = (ValueError, OSError, EOFError, zlib.error)
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Everything that changes the content of a prepared pair (stored in prepare_config.json)."""
+
+    frame_skip: int = 25
+    num_points: int = 4096
+    voxel_size: float = 0.02
+    max_depth: float = 6.0
+    min_valid_points: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.frame_skip < 1:
+            raise ValueError(f"frame_skip must be >= 1, got {self.frame_skip}")
+        if self.num_points < 1:
+            raise ValueError(f"num_points must be >= 1, got {self.num_points}")
+        if not self.voxel_size > 0:
+            raise ValueError(f"voxel_size must be > 0, got {self.voxel_size}")
+        if not self.max_depth > 0:
+            raise ValueError(f"max_depth must be > 0, got {self.max_depth}")
+        if self.min_valid_points < 1:
+            raise ValueError(f"min_valid_points must be >= 1, got {self.min_valid_points}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, **asdict(self)}
+
+
+def pair_features(num_points: int):
+    """The ``datasets.Features`` of a scene dataset (the contract shared with the teacher)."""
+    from datasets import Array2D, Features, Image, Value
+
+    return Features(
+        {
+            "image": Image(),
+            "points": Array2D((num_points, 3), "float32"),
+            "scene_id": Value("string"),
+            "frame_index": Value("int32"),
+            "pose": Array2D((4, 4), "float32"),
+            "intrinsic_color": Array2D((4, 4), "float32"),
+            "intrinsic_depth": Array2D((4, 4), "float32"),
+        }
+    )
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def backproject_depth(depth: np.ndarray, intrinsic_depth: np.ndarray) -> np.ndarray:
+    """Pinhole back-projection of a depth image into the depth camera frame.
+
+    Args:
+        depth: ``(H, W)`` depth in metres, 0 where invalid.
+        intrinsic_depth: ``(4, 4)`` (or ``(3, 3)``) depth intrinsics: ``fx, fy`` on the
+            diagonal, ``cx, cy`` in the last column, in pixels of this depth image.
+
+    Returns:
+        ``(H, W, 3)`` float32 camera coordinates ``((u - cx) z / fx, (v - cy) z / fy, z)``
+        (x right, y down, z forward); invalid pixels give ``(0, 0, 0)``.
+    """
+    depth = np.asarray(depth, dtype=np.float32)
+    if depth.ndim != 2:
+        raise ValueError(f"depth must be (H, W), got shape {depth.shape}")
+    k = np.asarray(intrinsic_depth, dtype=np.float64)
+    fx, fy, cx, cy = k[0, 0], k[1, 1], k[0, 2], k[1, 2]
+    if not (fx > 0 and fy > 0):
+        raise ValueError(f"depth intrinsics need positive focal lengths, got fx={fx}, fy={fy}")
+    height, width = depth.shape
+    ray_x = ((np.arange(width) - cx) / fx).astype(np.float32)
+    ray_y = ((np.arange(height) - cy) / fy).astype(np.float32)
+    points = np.empty((height, width, 3), dtype=np.float32)
+    np.multiply(depth, ray_x[None, :], out=points[..., 0])
+    np.multiply(depth, ray_y[:, None], out=points[..., 1])
+    points[..., 2] = depth
+    return points
+
+
+def voxel_downsample(
+    points: np.ndarray, voxel_size: float, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """One point per occupied voxel: the first one in (flattened, raster) order.
+
+    Args:
+        points: ``(N, 3)`` points, or ``(H, W, 3)`` points laid out as a depth image.
+        voxel_size: voxel edge length (same unit as the points).
+        mask: optional boolean ``(N,)`` / ``(H, W)``; points where it is False are ignored.
+
+    Returns:
+        ``(V,)`` int64 indices into the flattened points, sorted by voxel key.
+
+    The result depends only on the points and their order, not on the layout. The layout is
+    a speed-up: a point whose predecessor (or, for an image, whose left or upper neighbour)
+    lies in the same voxel is never the first of its voxel, so it is dropped before the sort;
+    on depth images that removes most points cheaply.
+    """
+    points = np.asarray(points, dtype=np.float32)
+    if points.shape[-1] != 3 or points.ndim not in (2, 3):
+        raise ValueError(f"points must be (N, 3) or (H, W, 3), got shape {points.shape}")
+    if mask is None:
+        mask = np.ones(points.shape[:-1], dtype=bool)
+    elif mask.shape != points.shape[:-1]:
+        raise ValueError(f"mask shape {mask.shape} does not match points {points.shape}")
+    if not mask.any():
+        return np.zeros(0, dtype=np.int64)
+    # Work on the whole array (gathering the masked points costs more than the arithmetic),
+    # in place where possible: fresh multi-MB temporaries cost page faults on every frame.
+    scaled = points * np.float32(1.0 / voxel_size)
+    extent = max(float(scaled.max()), -float(scaled.min()))
+    if not math.isfinite(extent):  # non-finite values are fine only where masked out
+        if not np.isfinite(scaled[mask]).all():
+            raise ValueError("points under the mask must be finite")
+        scaled = np.where(mask[..., None], scaled, np.float32(0))
+        extent = max(float(scaled.max()), -float(scaled.min()))
+    bits = math.ceil(math.log2(extent + 2)) + 1  # signed coordinates, shifted to >= 0
+    if 3 * bits > 62:
+        raise ValueError(f"points reach {extent:.3g} voxels of {voxel_size}: too many for a key")
+    np.floor(scaled, out=scaled)
+    grid = scaled.astype(np.int32 if 3 * bits <= 31 else np.int64)
+    grid += 1 << (bits - 1)
+    keys = grid[..., 0] << (2 * bits)
+    keys |= grid[..., 1] << bits
+    keys |= grid[..., 2]
+    keys[~mask] = -1
+    maybe_first = mask.copy()
+    if keys.ndim == 2:
+        maybe_first[:, 1:] &= keys[:, 1:] != keys[:, :-1]
+        maybe_first[1:, :] &= keys[1:, :] != keys[:-1, :]
+    else:
+        maybe_first[1:] &= keys[1:] != keys[:-1]
+    candidates = np.flatnonzero(maybe_first)
+    cand_keys = keys.reshape(-1)[candidates]
+    order = np.argsort(cand_keys, kind="stable")  # stable: ties keep raster order
+    sorted_keys = cand_keys[order]
+    first = np.ones(len(sorted_keys), dtype=bool)
+    first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    return candidates[order[first]]
+
+
+def sample_exact(count: int, num_points: int, rng: np.random.Generator) -> np.ndarray:
+    """``(num_points,)`` indices into ``count`` items: without replacement when possible,
+    otherwise every item once plus a shortfall drawn with replacement."""
+    if count < 1:
+        raise ValueError("cannot sample points from an empty set")
+    if count >= num_points:
+        return rng.choice(count, size=num_points, replace=False)
+    extra = rng.choice(count, size=num_points - count, replace=True)
+    return np.concatenate([rng.permutation(count), extra])
+
+
+def reduce_points(
+    points: np.ndarray,
+    num_points: int,
+    voxel_size: float,
+    rng: np.random.Generator,
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Voxel-grid downsample, then sample exactly ``num_points``.
+
+    Args:
+        points: ``(N, 3)`` or ``(H, W, 3)`` points (see :func:`voxel_downsample`).
+        num_points: ``P``, the exact number of points returned.
+        voxel_size: voxel edge; one point per occupied voxel survives the first step.
+        rng: the random generator for the sampling step.
+        mask: optional validity mask over the points.
+
+    Returns:
+        ``(P, 3)`` float32 points.
+    """
+    flat = np.asarray(points, dtype=np.float32).reshape(-1, 3)
+    kept = voxel_downsample(points, voxel_size, mask)
+    return flat[kept[sample_exact(len(kept), num_points, rng)]]
+
+
+def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Apply a ``(4, 4)`` rigid transform to ``(N, 3)`` points (float64 maths, float32 out)."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    out = np.asarray(points, dtype=np.float64) @ matrix[:3, :3].T + matrix[:3, 3]
+    return out.astype(np.float32)
+
+
+def pose_is_valid(pose: np.ndarray) -> bool:
+    """A usable camera-to-world pose: all finite (ScanNet marks lost tracking with -inf) and a
+    rigid-transform bottom row."""
+    pose = np.asarray(pose, dtype=np.float64)
+    return bool(np.isfinite(pose).all() and np.allclose(pose[3], (0.0, 0.0, 0.0, 1.0)))
+
+
+def frame_rng(seed: int, scene_id: str, frame_index: int) -> np.random.Generator:
+    """The sampling generator of one frame: independent of workers, shards and resuming."""
+    return np.random.default_rng([seed, zlib.crc32(scene_id.encode("utf-8")), frame_index])
+
+
+# --------------------------------------------------------------------------- scene files
+
+
+def find_split_file(root: Path, split: str) -> Path:
+    """Locate ``scannetv2_<split>.txt`` at ROOT, ROOT/meta, ROOT/.. or ROOT/Tasks/Benchmark."""
+    name = SPLIT_FILES[split]
+    candidates = [root / name, root / "meta" / name, root.parent / name,
+                  root / "Tasks" / "Benchmark" / name]
+    for path in candidates:
+        if path.is_file():
+            return path
+    where = ", ".join(str(p.parent) for p in candidates)
+    raise FileNotFoundError(
+        f"split list {name} not found (looked in {where}); pass --split all or --scenes FILE"
+    )
+
+
+def read_scene_list(path: Path) -> list[str]:
+    """Scene ids from a text file, one per line (blank lines and ``#`` comments ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"scene list {path} not found")
+    names = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        name = line.split("#", 1)[0].strip()
+        if name:
+            if "/" in name or "\\" in name or name.startswith("."):
+                raise ValueError(f"{path}: {name!r} is not a scene id")
+            names.append(name)
+    return names
+
+
+def list_scenes(root: str | Path, split: str = "train", scenes_file: str | Path | None = None
+                ) -> list[str]:
+    """Sorted, de-duplicated scene ids of a ScanNet root for a split or an explicit list.
+
+    ``split`` is ``train``/``val`` (ScanNet's split lists) or ``all`` (every ``scans/*/``
+    holding a ``<scene>.sens``); ``scenes_file`` overrides ``split``.
+    """
+    root = Path(root)
+    scans = root / "scans"
+    if not scans.is_dir():
+        raise FileNotFoundError(
+            f"{scans} not found: expected a ScanNet v2 root with scans/<scene>/<scene>.sens"
+        )
+    if scenes_file is not None:
+        names = read_scene_list(Path(scenes_file))
+    elif split == "all":
+        names = [d.name for d in scans.iterdir() if (d / f"{d.name}.sens").is_file()]
+    elif split in SPLIT_FILES:
+        names = read_scene_list(find_split_file(root, split))
+    else:
+        raise ValueError(f"split must be train, val or all, got {split!r}")
+    return sorted(set(names))
+
+
+def shard_scenes(scenes: Sequence[str], shard: tuple[int, int]) -> list[str]:
+    """Part ``I`` of ``N`` of the sorted scene list (round robin, so parts are balanced); the
+    parts are disjoint and together are the whole list."""
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard must satisfy 0 <= I < N, got {index}/{count}")
+    return sorted(scenes)[index::count]
+
+
+# --------------------------------------------------------------------------- one scene
+
+
+@dataclass
+class SceneStats:
+    """What happened to one scene (stored as cd2p_scene.json and in the report)."""
+
+    scene_id: str
+    status: str = "done"  # done | resumed | error
+    sens_bytes: int = 0
+    frames_in_file: int = 0
+    frames_considered: int = 0
+    frames_read: int = 0
+    pairs: int = 0
+    payload_bytes_read: int = 0
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    axis_aligned: bool = False
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    file: str | None = None
+
+
+def sens_path_of(root: Path, scene_id: str) -> Path:
+    return root / "scans" / scene_id / f"{scene_id}.sens"
+
+
+@functools.cache
+def _keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory instead of unmapping it (once per process).
+
+    Every frame makes a dozen multi-MB numpy temporaries; by default glibc maps each with mmap
+    and unmaps it when freed, so the next frame page-faults all of it again (a third of the
+    CPU time at 640x480). Raising the mmap and trim thresholds to 256 MB keeps the pages in
+    the heap. No effect (and no error) where glibc's mallopt is unavailable.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h> parameter numbers
+    mallopt(m_trim_threshold, 256 << 20)
+    mallopt(m_mmap_threshold, 256 << 20)
+
+
+def prepare_scene(root: str | Path, scene_id: str, scenes_dir: str | Path,
+                  settings: PrepareSettings) -> dict[str, Any]:
+    """Turn one scene's ``.sens`` into ``scenes_dir/<scene_id>`` (atomically).
+
+    Returns the :class:`SceneStats` as a dict. Bad scene files (missing, corrupt, unsupported)
+    do not raise: the stats come back with ``status="error"`` and the message.
+    """
+    _keep_freed_memory()
+    root, scenes_dir = Path(root), Path(scenes_dir)
+    stats = SceneStats(scene_id=scene_id)
+    sens_path = sens_path_of(root, scene_id)
+    tmp = scenes_dir / f"{TMP_PREFIX}{scene_id}"
+    start = time.perf_counter()
+    shutil.rmtree(tmp, ignore_errors=True)  # a stale partial scene from an interrupted run
+    try:
+        columns = _scene_pairs(sens_path, scene_id, settings, stats)
+    except SCENE_ERRORS as exc:
+        message = str(exc) or type(exc).__name__
+        if str(sens_path.parent) not in message:
+            message = f"{sens_path}: {message}"
+        stats.status, stats.error, stats.file = "error", message, str(sens_path)
+        stats.seconds = time.perf_counter() - start
+        return asdict(stats)
+    # Failing to write the output (disk full, permissions) is not the scene's fault: it
+    # propagates and stops the run.
+    tic = time.perf_counter()
+    stats.seconds = tic - start
+    _write_scene(columns, stats, tmp, scenes_dir / scene_id, settings)
+    stats.timings["write"] += time.perf_counter() - tic
+    stats.seconds = time.perf_counter() - start
+    return asdict(stats)
+
+
+def _scene_pairs(sens_path: Path, scene_id: str, settings: PrepareSettings,
+                 stats: SceneStats) -> dict[str, Any]:
+    """Read the kept frames of one scene into in-memory columns (a scene is ~100 pairs)."""
+    from cd2p.data.sens import SensReader
+
+    if not sens_path.is_file():
+        raise FileNotFoundError(f"{sens_path}: file not found")
+    txt_path = sens_path.with_suffix(".txt")
+    meta = read_scene_meta(txt_path) if txt_path.is_file() else {}
+    # ScanNet's axisAlignment rotates a scan so that z is up and the walls follow x/y; test
+    # scenes have none, and then the scan's own world frame is used.
+    align = axis_alignment(meta, str(txt_path)) if "axisAlignment" in meta else None
+    stats.axis_aligned = align is not None
+    stats.sens_bytes = sens_path.stat().st_size
+    timings = stats.timings
+    images, points, indices, poses = [], [], [], []
+    tic = time.perf_counter()
+    with SensReader(sens_path) as reader:
+        header = reader.header
+        if header.color_compression != JPEG:
+            raise ValueError(
+                f"{sens_path}: colour compression {header.color_compression} is not JPEG (2); "
+                "pairs store the JPEG bytes as they are"
+            )
+        stats.frames_in_file = len(reader)
+        declared = meta.get("numColorFrames")
+        if declared is not None and declared.strip() != str(len(reader)):
+            stats.warnings.append(
+                f"{txt_path.name} says numColorFrames = {declared}, the .sens has {len(reader)}"
+            )
+        intrinsic_depth = np.asarray(header.intrinsic_depth, dtype=np.float32)
+        for index in range(0, len(reader), settings.frame_skip):
+            stats.frames_considered += 1
+            # The pose alone decides whether a frame is usable: read it before any payload.
+            pose = reader.pose(index)
+            if not pose_is_valid(pose):
+                stats.skipped["invalid_pose"] += 1
+                continue
+            frame = reader.frame(index)
+            stats.frames_read += 1
+            stats.payload_bytes_read += len(frame.color_bytes) + len(frame.depth_bytes)
+            toc = time.perf_counter()
+            timings["read"] += toc - tic
+            tic = toc
+
+            depth = frame.decode_depth(header.depth_shift)
+            toc = time.perf_counter()
+            timings["depth_decode"] += toc - tic
+            tic = toc
+
+            valid = (depth > 0) & (depth <= settings.max_depth)
+            if int(np.count_nonzero(valid)) < settings.min_valid_points:
+                stats.skipped["too_few_valid_depth"] += 1
+                continue
+            camera = backproject_depth(depth, intrinsic_depth)
+            toc = time.perf_counter()
+            timings["backproject"] += toc - tic
+            tic = toc
+
+            # Voxelise in the camera frame: the grid's orientation does not matter for evening
+            # out the density, and only the kept points then need the world transform.
+            rng = frame_rng(settings.seed, scene_id, index)
+            chosen = reduce_points(camera, settings.num_points, settings.voxel_size, rng, valid)
+            toc = time.perf_counter()
+            timings["sampling"] += toc - tic
+            tic = toc
+
+            to_world = pose.astype(np.float64) if align is None else align @ pose
+            world = transform_points(chosen, to_world)
+            world -= world.mean(axis=0, dtype=np.float64).astype(np.float32)
+            images.append({"bytes": frame.color_bytes, "path": None})
+            points.append(world)
+            indices.append(index)
+            poses.append(np.asarray(pose, dtype=np.float32))
+            toc = time.perf_counter()
+            timings["backproject"] += toc - tic
+            tic = toc
+        timings["read"] += time.perf_counter() - tic
+    count = len(indices)
+    stats.pairs = count
+    p = settings.num_points
+    return {
+        "image": images,
+        "points": np.stack(points) if count else np.zeros((0, p, 3), np.float32),
+        "scene_id": [scene_id] * count,
+        "frame_index": np.asarray(indices, dtype=np.int32),
+        "pose": np.stack(poses) if count else np.zeros((0, 4, 4), np.float32),
+        "intrinsic_color": np.tile(np.asarray(header.intrinsic_color, np.float32), (count, 1, 1)),
+        "intrinsic_depth": np.tile(intrinsic_depth, (count, 1, 1)),
+    }
+
+
+def _write_scene(columns: dict[str, Any], stats: SceneStats, tmp: Path, final: Path,
+                 settings: PrepareSettings) -> None:
+    from datasets import Dataset
+    from datasets.utils.tqdm import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+
+    dataset = Dataset.from_dict(columns, features=pair_features(settings.num_points))
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        # One shard: a scene is tens of MB, and a single shard also stores an empty scene.
+        dataset.save_to_disk(str(tmp), num_shards=1)
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+    record = asdict(stats)
+    record["settings"] = settings.to_json()
+    (tmp / SCENE_STATS_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    os.replace(tmp, final)
+
+
+def load_scene_stats(scene_dir: Path) -> dict[str, Any]:
+    """The statistics a finished scene directory was written with."""
+    return json.loads((scene_dir / SCENE_STATS_FILE).read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------- whole run
+
+
+def report_name(shard: tuple[int, int]) -> str:
+    index, count = shard
+    return "prepare_report.json" if count == 1 else f"prepare_report.shard-{index}-of-{count}.json"
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _check_config(out: Path, settings: PrepareSettings) -> None:
+    """A resumed run must produce the same pairs as the first one: same settings."""
+    path = out / CONFIG_FILE
+    wanted = settings.to_json()
+    if path.is_file():
+        try:
+            found = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        if found != wanted:
+            diff = ", ".join(f"{k}: {found.get(k)} -> {v}" for k, v in wanted.items()
+                             if found.get(k) != v)
+            raise ValueError(
+                f"{out} was prepared with other settings ({diff}); use a new OUT directory "
+                "or the original settings to resume"
+            )
+    else:
+        _write_json_atomic(path, wanted)
+
+
+def _summarise(stats: list[dict[str, Any]], settings: PrepareSettings, *, root: Path, out: Path,
+               scenes: list[str], split: str, scenes_file: str | Path | None,
+               shard: tuple[int, int], workers: int, seconds: float, interrupted: bool
+               ) -> dict[str, Any]:
+    worked = [s for s in stats if s["status"] == "done"]
+    ok = [s for s in stats if s["status"] in ("done", "resumed")]
+    errors = [{"scene": s["scene_id"], "file": s["file"], "error": s["error"]}
+              for s in stats if s["status"] == "error"]
+    new_pairs = sum(s["pairs"] for s in worked)
+    new_bytes = sum(s["sens_bytes"] for s in worked)
+    return {
+        "root": str(root),
+        "out": str(out),
+        "split": None if scenes_file is not None else split,
+        "scenes_file": None if scenes_file is None else str(scenes_file),
+        "shard": list(shard),
+        "workers": workers,
+        "settings": settings.to_json(),
+        "interrupted": interrupted,
+        "scenes": {
+            "total": len(scenes),
+            "prepared": len(worked),
+            "resumed": sum(s["status"] == "resumed" for s in stats),
+            "failed": len(errors),
+            "not_reached": len(scenes) - len(stats),
+        },
+        "frames_in_files": sum(s["frames_in_file"] for s in ok),
+        "frames_considered": sum(s["frames_considered"] for s in ok),
+        "frames_read": sum(s["frames_read"] for s in ok),
+        "pairs_written": sum(s["pairs"] for s in ok),
+        "frames_skipped": {r: sum(s["skipped"][r] for s in ok) for r in SKIP_REASONS},
+        "errors": errors,
+        "warnings": [f"{s['scene_id']}: {w}" for s in ok for w in s["warnings"]],
+        "scenes_without_axis_alignment": sorted(s["scene_id"] for s in ok
+                                                if not s["axis_aligned"]),
+        "seconds": round(seconds, 3),
+        "pairs_this_run": new_pairs,
+        "pairs_per_second": round(new_pairs / seconds, 2) if seconds > 0 else None,
+        "sens_mb_per_second": round(new_bytes / 1e6 / seconds, 2) if seconds > 0 else None,
+        "time_split_seconds": {k: round(sum(s["timings"][k] for s in worked), 4)
+                               for k in TIMING_KEYS},
+        "per_scene": {s["scene_id"]: {k: s[k] for k in ("status", "pairs", "frames_in_file",
+                                                         "skipped", "seconds", "error")}
+                      for s in sorted(stats, key=lambda s: s["scene_id"])},
+    }
+
+
+def prepare_scannet(
+    root: str | Path,
+    out: str | Path,
+    *,
+    frame_skip: int = 25,
+    num_points: int = 4096,
+    split: str = "train",
+    scenes_file: str | Path | None = None,
+    workers: int = 1,
+    shard: tuple[int, int] = (0, 1),
+    min_valid_points: int = 1024,
+    max_depth: float = 6.0,
+    voxel_size: float = 0.02,
+    seed: int = 0,
+    progress: bool = True,
+    on_scene_done: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Prepare RGB/point pairs for the scenes of a ScanNet v2 root (see the module docstring).
+
+    Args:
+        root: ScanNet root holding ``scans/<scene>/<scene>.sens``.
+        out: output directory; finished scenes already in it are kept (resume).
+        frame_skip: keep frames ``0, frame_skip, 2 * frame_skip, ...``.
+        num_points: points per pair.
+        split: ``train``, ``val`` or ``all``; ignored when ``scenes_file`` is given.
+        scenes_file: text file of scene ids, one per line.
+        workers: processes over scenes (1 = in this process).
+        shard: ``(I, N)``: prepare only part I of the sorted scene list split N ways.
+        min_valid_points: frames with fewer valid depth pixels are skipped.
+        max_depth: depth beyond this (metres) is dropped, where the sensor is unreliable.
+        voxel_size: voxel edge (metres) of the density-evening step.
+        seed: base seed of the per-frame sampling.
+        progress: show a rich progress bar.
+        on_scene_done: called in this process with each scene's statistics as it finishes.
+
+    Returns:
+        The report, also written atomically to ``out/prepare_report[.shard-I-of-N].json``.
+        Scenes with bad files are listed under ``errors`` (the run goes on without them).
+    """
+    settings = PrepareSettings(frame_skip=frame_skip, num_points=num_points,
+                               voxel_size=voxel_size, max_depth=max_depth,
+                               min_valid_points=min_valid_points, seed=seed)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    root, out = Path(root), Path(out)
+    scenes = shard_scenes(list_scenes(root, split, scenes_file), shard)
+    scenes_dir = out / "scenes"
+    scenes_dir.mkdir(parents=True, exist_ok=True)
+    _check_config(out, settings)
+
+    stats: list[dict[str, Any]] = []
+    todo = []
+    for scene_id in scenes:
+        if (scenes_dir / scene_id).is_dir():
+            done = load_scene_stats(scenes_dir / scene_id)
+            done["status"] = "resumed"
+            stats.append(done)
+        else:
+            todo.append(scene_id)
+
+    start = time.perf_counter()
+    interrupted = True
+    bar = _Progress(len(scenes), len(stats), enabled=progress)
+    try:
+        with bar:
+            for result in _run_scenes(root, todo, scenes_dir, settings, workers):
+                stats.append(result)
+                bar.advance(result)
+                if on_scene_done is not None:
+                    on_scene_done(result)
+        interrupted = False
+    finally:
+        report = _summarise(stats, settings, root=root, out=out, scenes=scenes, split=split,
+                            scenes_file=scenes_file, shard=shard, workers=workers,
+                            seconds=time.perf_counter() - start, interrupted=interrupted)
+        _write_json_atomic(out / report_name(shard), report)
+    return report
+
+
+def _run_scenes(root: Path, scenes: list[str], scenes_dir: Path, settings: PrepareSettings,
+                workers: int):
+    """Yield each scene's statistics as it finishes (in this process or in a spawn pool)."""
+    if workers == 1 or len(scenes) <= 1:
+        for scene_id in scenes:
+            yield prepare_scene(root, scene_id, scenes_dir, settings)
+        return
+    # spawn: safe with threads (torch, datasets) in the parent and the same on every OS.
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(scenes)), mp_context=context)
+    try:
+        pending: set[Future] = set()
+        queue = list(reversed(scenes))
+        # Keep at most 2 tasks per worker queued so an interrupt loses little work.
+        while queue or pending:
+            while queue and len(pending) < 2 * workers:
+                pending.add(pool.submit(prepare_scene, root, queue.pop(), scenes_dir, settings))
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Progress:
+    """Rich progress over scenes, with pairs written and pairs per second."""
+
+    def __init__(self, total: int, already: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.pairs = 0
+        self.start = time.perf_counter()
+        if not enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]scenes"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[pairs]} pairs, {task.fields[rate]} pairs/s"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            transient=False,
+        )
+        self.task = self.progress.add_task("prepare", total=total, completed=already,
+                                           pairs=0, rate="-")
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self.progress.__exit__(*exc)
+
+    def advance(self, scene: dict[str, Any]) -> None:
+        self.pairs += scene["pairs"]
+        if self.enabled:
+            rate = self.pairs / max(time.perf_counter() - self.start, 1e-9)
+            self.progress.update(self.task, advance=1, pairs=self.pairs, rate=f"{rate:.1f}")
