@@ -1,0 +1,173 @@
+"""``cd2p prepare teacher PAIRS``: compute and store the teacher targets of prepared pairs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+import torch
+from rich.panel import Panel
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from cd2p.cli._common import console, parse_shard, user_errors
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:.1f} images/s")
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    return torch.device(choice)
+
+
+def _random_warning(seed: int) -> Panel:
+    return Panel(
+        f"RANDOM TEACHER (seed {seed}): these targets come from random weights, NOT from CLIP "
+        "and ClipCap.\nThey are for tests and the offline demo only; a student pre-trained on "
+        "them learns nothing useful. The files are marked random_teacher=true.",
+        title="warning",
+        style="bold yellow",
+    )
+
+
+@click.command("teacher")
+@click.argument(
+    "pairs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@click.option(
+    "--target",
+    type=click.Choice(["prefix", "clip"]),
+    default="prefix",
+    show_default=True,
+    help="prefix: CLIP + ClipCap semantic prefix (10, 768); clip: CLIP embedding (1, 512).",
+)
+@click.option(
+    "--clip-weights",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Local open_clip ViT-B-32-quickgelu checkpoint instead of the 'openai' download.",
+)
+@click.option(
+    "--clipcap-weights",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Local ClipCap conceptual_weights.pt (or .safetensors) instead of the Hub download.",
+)
+@click.option(
+    "--random-teacher", is_flag=True, help="Seeded RANDOM weights, not CLIP (tests, demo)."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-teacher.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="JPEG decoding processes [default: min(8, cores - 1) on CUDA, 0 on CPU].",
+)
+@click.option("--shard", metavar="I/N", help="Only every N-th scene from the I-th (one per GPU).")
+@click.option("--overwrite", is_flag=True, help="Recompute scenes that already have targets.")
+# Another registered open_clip config with ViT-B/32's interface (tests use a tiny one).
+@click.option("--model-name", default=None, hidden=True)
+@user_errors
+def teacher(
+    pairs: tuple[Path, ...],
+    target: str,
+    clip_weights: Path | None,
+    clipcap_weights: Path | None,
+    random_teacher: bool,
+    seed: int,
+    batch_size: int,
+    device: str,
+    workers: int | None,
+    shard: str | None,
+    overwrite: bool,
+    model_name: str | None,
+) -> None:
+    """Compute the frozen teacher's targets for every pair under PAIRS (one or more outputs of
+    `cd2p prepare scannet`) and store them as PAIRS/targets/<target>/<scene_id>.safetensors.
+
+    Resumable: scenes whose targets are complete are skipped.
+    """
+    from cd2p.data.teacher_targets import plan_teacher_targets, write_teacher_targets
+    from cd2p.models.teacher import DEFAULT_MODEL_NAME, Teacher
+
+    if random_teacher and (clip_weights or clipcap_weights):
+        raise click.UsageError("--random-teacher takes no --clip-weights/--clipcap-weights")
+    shard_range = parse_shard(shard)
+    model_name = model_name or DEFAULT_MODEL_NAME  # open_clip is imported only when running
+    torch_device = _device(device)
+    if workers is None:
+        workers = min(8, max((os.cpu_count() or 1) - 1, 0)) if torch_device.type == "cuda" else 0
+
+    if random_teacher:
+        console.print(_random_warning(seed))
+        model = Teacher.random(target, seed, model_name=model_name, device=torch_device)
+    else:
+        model = Teacher.from_pretrained(
+            target,
+            clip_weights=clip_weights,
+            clipcap_weights=clipcap_weights,
+            device=torch_device,
+            model_name=model_name,
+        )
+    plan = plan_teacher_targets(pairs, model, overwrite=overwrite, shard=shard_range)
+    console.print(f"[bold]teacher[/]  {model.description}")
+    console.print(
+        f"[bold]target[/]   {target} {model.target_shape}, float16   [bold]device[/] "
+        f"{torch_device}   [bold]batch[/] {batch_size}   [bold]workers[/] {workers}"
+    )
+    console.print(
+        f"[bold]scenes[/]   {len(plan.todo)} to compute ({plan.images} images), "
+        f"{len(plan.done)} already done"
+    )
+
+    progress = Progress(
+        TextColumn("[bold]teacher"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("images"),
+        _RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    with progress:
+        task = progress.add_task("teacher", total=plan.images)
+        summary = write_teacher_targets(
+            plan,
+            model,
+            batch_size=batch_size,
+            workers=workers,
+            on_images=lambda n: progress.advance(task, n),
+        )
+
+    table = Table(title=f"teacher targets '{target}'", show_header=False)
+    table.add_row("scenes computed", str(len(summary.scenes_done)))
+    table.add_row("scenes skipped (already done)", str(len(summary.scenes_skipped)))
+    table.add_row("images", str(summary.images))
+    table.add_row("seconds", f"{summary.seconds:.1f}")
+    table.add_row("images/s", f"{summary.images_per_second:.1f}")
+    table.add_row("written to", ", ".join(str(p / "targets" / target) for p in pairs))
+    table.add_row("teacher", summary.teacher)
+    console.print(table)
+    if summary.random_teacher:
+        console.print(_random_warning(seed))
