@@ -5,8 +5,13 @@ from __future__ import annotations
 import torch
 
 
-def check_points(name: str, x: torch.Tensor, channels: int | None = 3) -> None:
-    """Raise ``ValueError`` unless ``x`` is a finite ``(B, N, C)`` floating tensor."""
+def check_points(
+    name: str, x: torch.Tensor, channels: int | None = 3, finite: bool = True
+) -> None:
+    """Raise ``ValueError`` unless ``x`` is a finite ``(B, N, C)`` floating tensor.
+
+    ``finite=False`` skips the finiteness test, which synchronises a CUDA stream.
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 3:
@@ -17,7 +22,7 @@ def check_points(name: str, x: torch.Tensor, channels: int | None = 3) -> None:
         )
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
+    if finite and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).any(dim=-1).sum())
         raise ValueError(f"{name} contains {bad} point(s) with non-finite (NaN/inf) coordinates")
 
