@@ -116,6 +116,36 @@ class PretrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning on the object benchmarks: classification and part segmentation (DESIGN.md 5).
+
+    The number of classes / parts comes from the prepared dataset.
+    """
+
+    # Splits of the prepared dataset to train on and to select the best model on.
+    train_split: str = "train"
+    val_split: str = "test"
+    label_smoothing: float = 0.0
+    # Classification head (Point-MAE): hidden widths and dropout.
+    head_channels: tuple[int, ...] = (256, 256)
+    head_dropout: float = 0.5
+    # Part segmentation: 1-based blocks read (null: depth/3-spaced, 4, 8, 12 for depth 12),
+    # per-point MLP after interpolation, head widths, category-embedding width.
+    feature_blocks: tuple[int, ...] | None = None
+    propagation_channels: tuple[int, ...] = (1536, 1024)
+    seg_head_channels: tuple[int, ...] = (512, 256)
+    label_channels: int = 64
+    # Each training view draws data.num_points from the first resample_ratio x num_points
+    # FPS points (Point-MAE: 1200 -> 1024).
+    resample_ratio: float = 1.2
+    # Views averaged by the final evaluation with voting (re-sampled, scaled, translated).
+    votes: int = 10
+    eval_batch_size: int = 32
+    # Frozen backbone + linear classifier on max/mean-pooled tokens instead of fine-tuning.
+    linear_probe: bool = False
+
+
+@dataclass
 class Recipe:
     """A complete run description; saved as ``recipe.yaml`` next to every run's outputs."""
 
@@ -129,6 +159,7 @@ class Recipe:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # -- conversion ------------------------------------------------------------------------------

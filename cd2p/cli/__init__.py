@@ -5,8 +5,11 @@ from __future__ import annotations
 import click
 
 from cd2p import __version__
+from cd2p.cli.demo import demo
 from cd2p.cli.info import info
+from cd2p.cli.plot import plot
 from cd2p.cli.prepare import prepare
+from cd2p.cli.pretrain import pretrain
 from cd2p.cli.synthetic import synthetic
 
 
@@ -25,4 +28,7 @@ def main() -> None:
 
 main.add_command(info)
 main.add_command(prepare)
+main.add_command(pretrain)
+main.add_command(plot)
+main.add_command(demo)
 main.add_command(synthetic)

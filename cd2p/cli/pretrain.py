@@ -1,0 +1,107 @@
+"""``cd2p pretrain``: distil the 2D teacher into a point-cloud student (also under torchrun)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from cd2p.cli._common import console, user_errors
+
+
+@click.command()
+@click.option(
+    "--recipe",
+    "recipe_arg",
+    default=None,
+    help="Recipe YAML path or shipped name [default: pretrain-scannet; with --resume the run's].",
+)
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Prepared pairs (`cd2p prepare scannet` OUT, with `cd2p prepare teacher` targets); "
+    "repeat for several parts.",
+)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="New run directory.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override a recipe value, e.g. --set schedule.epochs=10 (repeatable).",
+)
+@click.option(
+    "--resume",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Continue the run in this directory from its latest checkpoint.",
+)
+@click.option(
+    "--no-progress", is_flag=True, help="No progress bar (logs still go to metrics.jsonl)."
+)
+@user_errors
+def pretrain(
+    recipe_arg: str | None,
+    data: tuple[Path, ...],
+    out: Path | None,
+    overrides: tuple[str, ...],
+    resume: Path | None,
+    no_progress: bool,
+) -> None:
+    """Pre-train a student backbone on prepared RGB/point pairs; export it to RUN/backbone.
+
+    \b
+    Examples:
+      cd2p pretrain --recipe pretrain-scannet --data pairs/ --out runs/distill
+      torchrun --nproc_per_node 8 -m cd2p pretrain --data pairs/ --out runs/distill
+      cd2p pretrain --resume runs/distill
+    """
+    from cd2p.config import load_recipe
+    from cd2p.engine import distributed as D
+    from cd2p.engine.pretrain import run_pretrain
+
+    if resume is not None:
+        if recipe_arg or overrides:
+            raise click.UsageError(
+                "--resume continues with the run's saved recipe: drop --recipe/--set"
+            )
+        if out is not None and out.resolve() != resume.resolve():
+            raise click.UsageError("--out and --resume name different directories")
+        recipe, name, out = None, None, resume
+    else:
+        if out is None or not data:
+            raise click.UsageError("a new run needs --data PAIRS and --out RUN (or --resume RUN)")
+        name = recipe_arg or "pretrain-scannet"
+        recipe = load_recipe(name, overrides)
+    result = run_pretrain(
+        recipe,
+        list(data) or None,
+        out,
+        resume=resume is not None,
+        progress=not no_progress,
+        recipe_name=name,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 prints under torchrun
+        run = result.run
+        table = Table(title=f"cd2p pretrain: {out}", show_header=False)
+        table.add_column(style="bold cyan")
+        table.add_column()
+        table.add_row("steps", f"{run.step} / {run.total_steps} ({run.epoch} epochs)")
+        table.add_row("pairs", str(result.pairs))
+        if run.final_loss is not None:
+            table.add_row("final loss", f"{run.final_loss:.5g}")
+        for key, value in run.final_components.items():
+            table.add_row(key, f"{value:.5g}")
+        table.add_row(
+            "teacher", result.teacher + (" [bold red](RANDOM)" if result.random_teacher else "")
+        )
+        table.add_row("backbone", str(result.backbone_dir) if result.backbone_dir else "(not yet)")
+        console.print(table)
+        if result.backbone_dir:
+            console.print(
+                f"load it with [bold]Cd2pBackbone.from_pretrained({str(result.backbone_dir)!r})"
+            )
+    D.cleanup()

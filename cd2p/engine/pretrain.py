@@ -1,0 +1,364 @@
+"""Pre-training (``cd2p pretrain``): the distillation objectives on prepared RGB/point pairs.
+
+``run_pretrain`` builds :class:`~cd2p.models.distill.Cd2pPretrainModel` from the recipe, a
+:class:`~cd2p.data.pairs.PairDataset` with the teacher targets stored by
+``cd2p prepare teacher`` (or the JPEGs, when ``pretrain.targets: on-the-fly`` runs the frozen
+teacher inside each step), trains it with the shared :class:`~cd2p.engine.trainer.Trainer`
+and exports the student as a Hub-format backbone in ``RUN/backbone/``.
+
+Run directory::
+
+    RUN/recipe.yaml      the recipe as run          RUN/metrics.jsonl   training curves
+    RUN/run.json         data, teacher, recipe name RUN/checkpoints/    resumable state
+    RUN/backbone/        Cd2pBackbone.from_pretrained("RUN/backbone")
+    RUN/summary.json     final loss, steps, teacher, export path
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from cd2p.config import Recipe, load_recipe
+from cd2p.engine import distributed as D
+from cd2p.engine.augment import random_subsample, scale_and_translate
+from cd2p.engine.trainer import RunResult, StepContext, Trainer, check_run_dir, seed_everything
+
+RUN_INFO = "run.json"
+SUMMARY = "summary.json"
+BACKBONE_DIR = "backbone"
+
+# The stored teacher target each objective learns from (None: no teacher).
+TARGET_OF_OBJECTIVE: dict[str, str | None] = {
+    "distill": "prefix",
+    "distill-no-concept": "prefix",
+    "distill-clip": "clip",
+    "mae": None,
+    "mae+distill": "prefix",
+}
+
+
+class PretrainStep(nn.Module):
+    """Adapts :class:`Cd2pPretrainModel` to the trainer: ``forward(batch)`` with
+    ``batch["points"] (B, N, 3)`` and ``batch["target"] (B, T, C)`` (absent for ``mae``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.model(batch["points"], batch.get("target"))
+
+
+class PairCollate:
+    """Pair samples -> batch: ``points (B, P, 3)``, ``target (B, T, C)`` when stored, and,
+    for on-the-fly targets, ``pixels (B, 3, 224, 224)``: the JPEGs decoded and CLIP-preprocessed
+    here, in the DataLoader workers, so the training step only runs the teacher's forward."""
+
+    def __init__(self, decode_images: bool = False, image_size: int = 224) -> None:
+        self.decode_images = decode_images
+        self.image_size = image_size
+        self._transform: Any = None
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {"points": torch.stack([item["points"] for item in items])}
+        if "target" in items[0]:
+            batch["target"] = torch.stack([item["target"] for item in items])
+        if self.decode_images:
+            from cd2p.models.teacher import clip_transform, decode_image
+
+            if self._transform is None:
+                self._transform = clip_transform(self.image_size)
+            batch["pixels"] = torch.stack(
+                [self._transform(decode_image(item["image"])) for item in items]
+            )
+        return batch
+
+
+class PrepareBatch:
+    """The per-step, on-device part of the input pipeline (run under ``no_grad``):
+    random subsampling to ``data.num_points``, Point-MAE scale-and-translate, and the teacher's
+    forward when targets are computed on the fly. Randomness comes from the step's generator."""
+
+    def __init__(self, recipe: Recipe, teacher: nn.Module | None = None) -> None:
+        self.data = recipe.data
+        self.teacher = teacher
+
+    def __call__(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        points = random_subsample(batch["points"], self.data.num_points, ctx.generator)
+        batch["points"] = scale_and_translate(
+            points, ctx.generator, self.data.scale_low, self.data.scale_high, self.data.translate
+        )
+        if self.teacher is not None:
+            batch["target"] = self.teacher(batch.pop("pixels"))
+        return batch
+
+
+@dataclass
+class PretrainResult:
+    """The outcome of :func:`run_pretrain`."""
+
+    run: RunResult
+    backbone_dir: Path | None
+    pairs: int
+    teacher: str
+    random_teacher: bool
+    model: nn.Module  # the trained Cd2pPretrainModel (on the training device)
+
+
+def build_pretrain_model(recipe: Recipe) -> nn.Module:
+    """The recipe's :class:`Cd2pPretrainModel` (seed the RNG first for reproducible init)."""
+    from cd2p.models.distill import Cd2pPretrainModel
+
+    cfg = recipe.pretrain
+    return Cd2pPretrainModel(
+        backbone_config=recipe.model.backbone_kwargs(),
+        objective=cfg.objective,
+        num_concepts=cfg.num_concepts,
+        mask_ratio=cfg.mask_ratio,
+        decoder_depth=cfg.decoder_depth,
+        # Point-MAE's decoder has the encoder's width and head count.
+        decoder_heads=recipe.model.num_heads,
+    )
+
+
+def _stored_teacher(dataset: Any) -> tuple[str, bool]:
+    """Description and randomness of the teacher that wrote a dataset's stored targets."""
+    from cd2p.data.teacher_targets import read_targets_header
+
+    teachers, random_flags = set(), set()
+    for path in dataset.target_paths:
+        header = read_targets_header(path)
+        if header is None:
+            raise ValueError(f"{path} is not a readable targets file; rerun `cd2p prepare teacher`")
+        teachers.add(header[2].get("teacher", "unknown"))
+        random_flags.add(header[2].get("random_teacher", "false") == "true")
+    if len(teachers) > 1:
+        raise ValueError(
+            f"the pairs' stored targets come from different teachers ({sorted(teachers)}); "
+            "recompute them with one teacher (`cd2p prepare teacher --overwrite`)"
+        )
+    return (teachers.pop() if teachers else "none"), any(random_flags)
+
+
+def _open_pairs(recipe: Recipe, data: Sequence[Path]) -> Any:
+    from cd2p.data.pairs import PairDataset
+
+    target = TARGET_OF_OBJECTIVE[recipe.pretrain.objective]
+    on_the_fly = recipe.pretrain.targets == "on-the-fly" and target is not None
+    try:
+        dataset = PairDataset(
+            list(data), target=None if on_the_fly else target, with_image=on_the_fly
+        )
+    except FileNotFoundError as exc:
+        if "teacher targets" not in str(exc):
+            raise
+        roots = " ".join(str(p) for p in data)
+        raise FileNotFoundError(
+            f"{exc}. Objective {recipe.pretrain.objective!r} learns from the {target!r} teacher "
+            f"targets: compute them once with `cd2p prepare teacher {roots} --target {target}`, "
+            "or set pretrain.targets=on-the-fly to run the teacher during training"
+        ) from None
+    if len(dataset) == 0:
+        raise ValueError(f"no pairs found under {', '.join(map(str, data))}")
+    available = dataset[0]["points"].shape[0]
+    if available < recipe.data.num_points:
+        raise ValueError(
+            f"the pairs hold {available} points per cloud but data.num_points is "
+            f"{recipe.data.num_points}: prepare them with --points {recipe.data.num_points} "
+            f"or lower data.num_points"
+        )
+    return dataset
+
+
+def _build_teacher(recipe: Recipe, device: torch.device) -> nn.Module:
+    from cd2p.models.teacher import Teacher
+
+    target = TARGET_OF_OBJECTIVE[recipe.pretrain.objective]
+    cfg = recipe.pretrain
+    if cfg.random_teacher:
+        return Teacher.random(target, seed=recipe.run.seed, device=device)
+    return Teacher.from_pretrained(
+        target, clip_weights=cfg.clip_weights, clipcap_weights=cfg.clipcap_weights, device=device
+    )
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def export_backbone(model: nn.Module, out_dir: Path, training: dict[str, Any]) -> Path:
+    """Save the student as ``out_dir`` (a Hub-format ``Cd2pBackbone``) atomically."""
+    backbone = model.export_backbone()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        backbone.save_pretrained(tmp, model_card_kwargs={"training": training})
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out_dir
+
+
+def run_pretrain(
+    recipe: Recipe | None,
+    data_paths: Sequence[str | Path] | None,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    *,
+    recipe_name: str | None = None,
+    teacher: nn.Module | None = None,
+    stop_after: int | None = None,
+    console: Console | None = None,
+) -> PretrainResult:
+    """Pre-train a student on prepared pairs and export it to ``out_dir/backbone``.
+
+    Args:
+        recipe: the recipe; with ``resume`` it may be ``None`` (``RUN/recipe.yaml`` is used)
+            and otherwise must equal the saved one.
+        data_paths: prepared pairs directories (``cd2p prepare scannet`` outputs, with targets
+            from ``cd2p prepare teacher``); with ``resume`` ``None`` reuses the saved ones.
+        out_dir: the run directory; must be new or empty unless ``resume``.
+        resume: continue the run in ``out_dir`` from its latest checkpoint.
+        progress: show a progress bar (rank 0).
+        recipe_name: how the recipe is named in ``run.json`` and the model card.
+        teacher: a ready teacher for on-the-fly targets (default: built from the recipe).
+        stop_after: stop (with a checkpoint) after this step, e.g. to split a run into jobs.
+
+    Under ``torchrun`` every rank calls this; only rank 0 writes files.
+    """
+    out_dir = Path(out_dir)
+    dist = D.init_distributed(recipe.run.device if recipe is not None else "auto")
+    if dist.is_main:
+        check_run_dir(out_dir, resume)
+    D.barrier()
+    info_path = out_dir / RUN_INFO
+    saved = json.loads(info_path.read_text()) if resume and info_path.is_file() else None
+    if resume:
+        if not (out_dir / "recipe.yaml").is_file() or saved is None:
+            raise FileNotFoundError(
+                f"{out_dir} is not a cd2p pretrain run (no recipe.yaml/run.json)"
+            )
+        saved_recipe = load_recipe(out_dir / "recipe.yaml")
+        if recipe is not None and recipe != saved_recipe:
+            raise ValueError(
+                f"the recipe differs from {out_dir / 'recipe.yaml'}; a resumed run continues "
+                "with its saved recipe (omit --recipe/--set)"
+            )
+        recipe = saved_recipe
+        data_paths = data_paths or saved["data"]
+        recipe_name = recipe_name or saved.get("recipe_name")
+    if recipe is None or not data_paths:
+        raise ValueError("run_pretrain needs a recipe and at least one prepared pairs directory")
+    if recipe.task != "pretrain":
+        raise ValueError(f"recipe task is {recipe.task!r}, not 'pretrain'")
+    data = [Path(p).resolve() for p in data_paths]
+    console = console or Console(stderr=True)
+
+    dataset = _open_pairs(recipe, data)
+    target = TARGET_OF_OBJECTIVE[recipe.pretrain.objective]
+    on_the_fly = recipe.pretrain.targets == "on-the-fly" and target is not None
+    if on_the_fly:
+        teacher = teacher if teacher is not None else _build_teacher(recipe, dist.device)
+        teacher = teacher.to(dist.device)
+        teacher_desc, teacher_random = teacher.description, bool(teacher.is_random)
+    elif target is not None:
+        teacher = None
+        teacher_desc, teacher_random = _stored_teacher(dataset)
+    else:
+        teacher, teacher_desc, teacher_random = None, "none (mae)", False
+
+    seed_everything(recipe.run.seed)  # identical initial weights on every rank
+    model = build_pretrain_model(recipe)
+    if (
+        target is not None
+        and teacher is not None
+        and tuple(teacher.target_shape) != tuple(model.target_shape)
+    ):
+        raise ValueError(
+            f"the teacher gives {tuple(teacher.target_shape)} targets, objective "
+            f"{recipe.pretrain.objective!r} needs {model.target_shape}"
+        )
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(
+            info_path,
+            {
+                "recipe_name": recipe_name,
+                "data": [str(p) for p in data],
+                "pairs": len(dataset),
+                "targets": "on-the-fly" if on_the_fly else ("stored" if target else "none"),
+                "teacher": teacher_desc,
+                "random_teacher": teacher_random,
+            },
+        )
+        if teacher_random:
+            console.print(
+                "[bold yellow]warning:[/] the teacher is RANDOM (not CLIP): this student learns "
+                "a pipeline test, not useful features"
+            )
+    trainer = Trainer(
+        PretrainStep(model),
+        dataset,
+        recipe,
+        out_dir,
+        collate_fn=PairCollate(decode_images=on_the_fly),
+        prepare_batch=PrepareBatch(recipe, teacher if on_the_fly else None),
+        progress=progress,
+        console=console,
+    )
+    result = trainer.fit(resume=resume, stop_after=stop_after)
+
+    backbone_dir = None
+    if result.completed and dist.is_main:
+        training = {
+            "recipe": recipe_name or recipe.description or "custom",
+            "objective": recipe.pretrain.objective,
+            "data": ", ".join(str(p) for p in data) + f" ({len(dataset)} pairs)",
+            "steps": f"{result.step} ({result.epoch} epochs, batch {recipe.data.batch_size})",
+            "final loss": f"{result.final_loss:.5g}" if result.final_loss is not None else "n/a",
+            "teacher": teacher_desc,
+            "random teacher": "yes (NOT CLIP: a pipeline test)" if teacher_random else "no",
+        }
+        backbone_dir = export_backbone(model, out_dir / BACKBONE_DIR, training)
+        _write_json(
+            out_dir / SUMMARY,
+            {
+                "recipe_name": recipe_name,
+                "objective": recipe.pretrain.objective,
+                "steps": result.step,
+                "epochs": result.epoch,
+                "final_loss": result.final_loss,
+                "final_components": result.final_components,
+                "pairs": len(dataset),
+                "teacher": teacher_desc,
+                "random_teacher": teacher_random,
+                "backbone": str(backbone_dir),
+                "weights_sha256": result.weights_sha256,
+            },
+        )
+    D.barrier()
+    return PretrainResult(
+        run=result,
+        backbone_dir=out_dir / BACKBONE_DIR if result.completed else None,
+        pairs=len(dataset),
+        teacher=teacher_desc,
+        random_teacher=teacher_random,
+        model=model,
+    )

@@ -1,0 +1,635 @@
+"""One training loop for every cd2p task: pre-training and all fine-tuning.
+
+The task supplies a module whose ``forward(batch: dict)`` returns a dict holding the scalar
+``loss`` (and, optionally, detached scalar components named ``loss_*`` that are logged), a
+map-style ``Dataset`` of dict samples, and optionally a ``collate_fn``, a ``prepare_batch``
+hook (augmentation, a frozen teacher... run under ``no_grad`` on the device before the
+forward), an ``evaluate(model) -> metrics`` callback with best-metric tracking and an
+``on_best`` export hook, and custom optimiser param groups (``lr_scale`` per group for
+layer-wise decay). The :class:`Trainer` does the rest from the recipe's ``data``, ``optim``,
+``schedule`` and ``run`` sections: AdamW, warm-up + cosine, gradient clipping, bf16 autocast
+on CUDA (fp32 on CPU), ``torch.compile``, DDP under ``torchrun``, checkpoints and exact
+resume, ``metrics.jsonl`` and a progress bar.
+
+Exact resume: the batches of an epoch are a pure function of ``(seed, epoch)``
+(:class:`EpochBatchSampler`), the per-step augmentation generator a pure function of
+``(seed, step, rank)``, the learning rate a pure function of ``step``, and the global RNGs
+(dropout, stochastic depth, MAE masks) are saved with every checkpoint. A run stopped after
+its checkpoint at step ``k`` and resumed therefore ends with bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import random
+import resource
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from cd2p.config import Recipe, save_recipe
+from cd2p.engine import distributed as D
+from cd2p.engine.augment import step_generator
+from cd2p.engine.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from cd2p.engine.metrics_log import MetricsLog, truncate_metrics
+from cd2p.engine.schedule import StepPlan, lr_at, set_lr
+
+Batch = dict[str, Any]
+
+
+# -- seeding and data order ------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python ``random``, numpy and torch (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Shuffled, rank-sharded batches whose order is a pure function of ``(seed, epoch)``.
+
+    Every epoch draws one permutation of the dataset (the same on every rank), pads it to a
+    multiple of ``world_size`` by wrapping around (as ``DistributedSampler`` does), gives rank
+    ``r`` the indices ``r, r + world_size, ...`` and cuts them into batches of ``batch_size``,
+    dropping the last incomplete one. :meth:`set_epoch` may skip the first batches of an epoch
+    (a resumed run continues mid-epoch).
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        if num_samples < 1:
+            raise ValueError("the dataset is empty")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.start_batch = 0
+        self.per_rank = math.ceil(num_samples / world_size)
+        if self.per_rank < batch_size:
+            raise ValueError(
+                f"the dataset has {num_samples} samples, {self.per_rank} per process, fewer than "
+                f"one batch of {batch_size} per process: lower data.batch_size or add data"
+            )
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return self.per_rank // self.batch_size
+
+    def indices(self, epoch: int) -> list[int]:
+        """This rank's sample order for ``epoch`` (all of it, before batching)."""
+        if self.shuffle:
+            gen = step_generator(self.seed, epoch, 0, stream="epoch-order")
+            order = torch.randperm(self.num_samples, generator=gen).tolist()
+        else:
+            order = list(range(self.num_samples))
+        total = self.per_rank * self.world_size
+        order = (order * math.ceil(total / len(order)))[:total]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.indices(self.epoch)
+        for b in range(self.start_batch, len(self)):
+            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: weights with decay; biases, norms, tokens and queries without (Point-MAE)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if param.ndim <= 1 or leaf == "bias" or "token" in leaf or "queries" in leaf:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(
+    param_groups: list[dict[str, Any]],
+    name: str,
+    lr: float,
+    betas: Sequence[float],
+    device: torch.device | None = None,
+) -> torch.optim.Optimizer:
+    """AdamW / Adam / SGD (momentum 0.9) over ``param_groups`` (each with its weight decay).
+
+    Fused kernels on CUDA, multi-tensor (``foreach``) updates on CPU.
+    """
+    fast = {"fused": True} if device is not None and device.type == "cuda" else {"foreach": True}
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), **fast)
+    if name == "adam":
+        return torch.optim.Adam(param_groups, lr=lr, betas=tuple(betas), **fast)
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, foreach=True)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """Tensors of a (nested) batch onto ``device``; everything else as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], torch.Tensor):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """A checksum of a module's state dict (names and exact bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: allocated GPU memory on CUDA, resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def check_run_dir(run_dir: str | Path, resume: bool) -> Path:
+    """Refuse to train into a non-empty run directory unless resuming it."""
+    run_dir = Path(run_dir)
+    if resume:
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"cannot resume {run_dir}: no such run directory")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(
+            f"{run_dir} exists and is not empty; continue it with --resume {run_dir} "
+            "or choose a new --out"
+        )
+    return run_dir
+
+
+@dataclass
+class StepContext:
+    """What a ``prepare_batch`` hook knows about the step it prepares.
+
+    generator: a CPU generator seeded from ``(seed, step, rank)`` for augmentations.
+    """
+
+    step: int
+    epoch: int
+    rank: int
+    device: torch.device
+    generator: torch.Generator
+
+
+@dataclass
+class RunResult:
+    """The outcome of :meth:`Trainer.fit` (the same on every rank)."""
+
+    run_dir: Path
+    step: int
+    total_steps: int
+    epoch: int
+    completed: bool
+    final_loss: float | None
+    final_components: dict[str, float] = field(default_factory=dict)
+    best: dict[str, Any] | None = None
+    weights_sha256: list[str] = field(default_factory=list)
+    checkpoint: Path | None = None
+    resumed_from: int | None = None
+
+
+# -- the trainer -----------------------------------------------------------------------------
+
+
+class Trainer:
+    """Train ``model`` on ``dataset`` as the recipe says, into ``run_dir``.
+
+    Args:
+        model: ``forward(batch) -> {"loss": scalar, "loss_*": detached scalars...}``. Its
+            parameters must be initialised identically on every rank (seed before building it;
+            DDP also broadcasts rank 0's weights).
+        dataset: map-style dataset of samples that ``collate_fn`` turns into a batch dict.
+        recipe: ``data.batch_size`` is the global batch (split over the ranks),
+            ``data.num_workers`` the loader workers per rank; ``optim``, ``schedule`` and
+            ``run`` as documented in :mod:`cd2p.config`.
+        run_dir: where ``recipe.yaml``, ``metrics.jsonl`` and ``checkpoints/`` go.
+        collate_fn: samples -> batch dict (default: torch's ``default_collate``).
+        prepare_batch: ``(batch on device, StepContext) -> batch``, run under ``no_grad``.
+        evaluate: ``model -> {metric: value}``, called on every rank (in eval mode) every
+            ``run.eval_every`` epochs and at the end; it must return the same numbers on
+            every rank (evaluate everything, or shard and all-reduce).
+        best_metric, best_mode: the metric whose best value is tracked (``"max"``/``"min"``).
+        on_best: ``(model, metrics)`` called on rank 0 when ``best_metric`` improves.
+        param_groups: optimiser groups (``params``, ``weight_decay``, optional ``lr_scale``);
+            default :func:`default_param_groups`.
+        progress: show a rich progress bar on rank 0.
+        find_unused_parameters: DDP's option, for models whose steps skip parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        recipe: Recipe,
+        run_dir: str | Path,
+        *,
+        collate_fn: Callable[[list[Any]], Batch] | None = None,
+        prepare_batch: Callable[[Batch, StepContext], Batch] | None = None,
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+        best_metric: str | None = None,
+        best_mode: Literal["max", "min"] = "max",
+        on_best: Callable[[nn.Module, dict[str, float]], None] | None = None,
+        param_groups: list[dict[str, Any]] | None = None,
+        progress: bool = True,
+        find_unused_parameters: bool = False,
+        console: Console | None = None,
+    ) -> None:
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        self.dist = D.init_distributed(recipe.run.device)
+        self.device = self.dist.device
+        self.model = model.to(self.device)
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+        self.prepare_batch = prepare_batch
+        self.evaluate = evaluate
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.on_best = on_best
+        self.progress = progress and self.dist.is_main
+        self.console = console or Console(stderr=True)
+        self.find_unused_parameters = find_unused_parameters
+
+        global_batch = recipe.data.batch_size
+        if global_batch % self.dist.world_size:
+            raise ValueError(
+                f"data.batch_size={global_batch} is the global batch and must divide evenly "
+                f"over {self.dist.world_size} processes"
+            )
+        self.batch_size = global_batch // self.dist.world_size
+        self.sampler = EpochBatchSampler(
+            len(dataset), self.batch_size, self.dist.rank, self.dist.world_size, recipe.run.seed
+        )
+        self.plan = StepPlan.from_config(recipe.schedule, len(self.sampler))
+        groups = param_groups or default_param_groups(self.model, recipe.optim.weight_decay)
+        self.optimizer = build_optimizer(
+            groups, recipe.optim.name, recipe.optim.lr, recipe.optim.betas, self.device
+        )
+        self.autocast_dtype = self._autocast_dtype()
+        self.best: dict[str, Any] | None = None
+
+    # -- setup ------------------------------------------------------------------------------
+    def _autocast_dtype(self) -> torch.dtype | None:
+        precision = self.recipe.run.precision
+        if precision == "fp32":
+            return None
+        if precision == "bf16":
+            return torch.bfloat16
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None  # auto on CPU: fp32 (bf16 matmuls are slow on most CPUs)
+
+    def _loader(self) -> DataLoader:
+        workers = self.recipe.data.num_workers
+        return DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            collate_fn=self.collate_fn,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=self.device.type == "cuda",
+            # A private generator: creating loader iterators never touches the global RNG.
+            generator=torch.Generator().manual_seed(self.recipe.run.seed),
+        )
+
+    def _wrapped(self) -> nn.Module:
+        module: nn.Module = self.model
+        if self.dist.distributed:
+            module = nn.parallel.DistributedDataParallel(
+                module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.find_unused_parameters,
+            )
+        if self.recipe.run.compile:
+            module = torch.compile(module)
+        return module
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"best": self.best, "total_steps": self.plan.total_steps}
+
+    def _save(self, step: int) -> Path | None:
+        local = capture_rng_state()
+        # Gather every rank's RNG state on rank 0 as JSON-ready lists (no pickling).
+        payload = {
+            "tensors": {k: [str(v.dtype), v.tolist()] for k, v in local[0].items()},
+            "scalars": local[1],
+        }
+        gathered = D.all_gather_json(payload, self._collective_device())
+        path = None
+        if self.dist.is_main:
+            states = [
+                (
+                    {
+                        k: torch.tensor(values, dtype=getattr(torch, dtype.split(".")[-1]))
+                        for k, (dtype, values) in item["tensors"].items()
+                    },
+                    item["scalars"],
+                )
+                for item in gathered
+            ]
+            path = save_checkpoint(
+                self.run_dir,
+                step=step,
+                epoch=step // self.plan.steps_per_epoch,
+                model=self.model,
+                optimizer=self.optimizer,
+                recipe=self.recipe,
+                rng_states=states,
+                trainer_state=self._trainer_state(),
+                keep=self.recipe.run.keep_checkpoints,
+            )
+        D.barrier()
+        return path
+
+    def _collective_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def _resume(self) -> int:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            if self.dist.is_main:
+                self.console.print(
+                    f"[yellow]{self.run_dir} has no checkpoint yet: starting at step 0"
+                )
+            return 0
+        ckpt = load_checkpoint(path, self.model, self.optimizer, rank=self.dist.rank)
+        if ckpt.world_size != self.dist.world_size and self.dist.is_main:
+            self.console.print(
+                f"[yellow]checkpoint written by {ckpt.world_size} processes, resumed by "
+                f"{self.dist.world_size}: training continues but not bit-exactly"
+            )
+        if ckpt.trainer_state.get("total_steps", self.plan.total_steps) != self.plan.total_steps:
+            raise ValueError(
+                f"{path} belongs to a run of {ckpt.trainer_state['total_steps']} steps, but "
+                f"the recipe and data now give {self.plan.total_steps}"
+            )
+        self.best = ckpt.trainer_state.get("best")
+        return ckpt.step
+
+    # -- evaluation -------------------------------------------------------------------------
+    def _run_evaluation(self, step: int, log: MetricsLog | None) -> None:
+        D.broadcast_buffers(self.model)  # every rank evaluates the same model
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                metrics = self.evaluate(self.model)
+        finally:
+            self.model.train()
+        epoch = math.ceil(step / self.plan.steps_per_epoch)
+        if log is not None:
+            log.write({"kind": "eval", "step": step, "epoch": epoch, **metrics})
+        if self.best_metric is None:
+            return
+        if self.best_metric not in metrics:
+            raise KeyError(f"evaluate() returned {sorted(metrics)}, not {self.best_metric!r}")
+        value = float(metrics[self.best_metric])
+        previous = None if self.best is None else self.best["value"]
+        better = previous is None or (
+            value > previous if self.best_mode == "max" else value < previous
+        )
+        if better:
+            self.best = {"metric": self.best_metric, "value": value, "step": step, **metrics}
+            if self.on_best is not None and self.dist.is_main:
+                self.on_best(self.model, metrics)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self, resume: bool = False, stop_after: int | None = None) -> RunResult:
+        """Train to the end of the schedule (or until step ``stop_after``, checkpointing
+        there, as a job with a wall-time limit would) and return the outcome.
+
+        With ``resume``, continue from the run directory's latest checkpoint.
+        """
+        run = self.recipe.run
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        start = self._resume() if resume else 0
+        if start == 0:
+            seed_everything(run.seed + self.dist.rank)
+        log = None
+        if self.dist.is_main:
+            save_recipe(self.recipe, self.run_dir / "recipe.yaml")
+            truncate_metrics(self.run_dir, start)
+            log = MetricsLog(self.run_dir)
+        D.barrier()
+        total = self.plan.total_steps
+        end = total if stop_after is None else min(total, stop_after)
+        module = self._wrapped()
+        self.model.train()
+        loader = self._loader()
+        grad_params = [p for p in self.model.parameters() if p.requires_grad]
+
+        last: dict[str, float] = {}
+        step = start
+        window: dict[str, torch.Tensor] = {}
+        window_steps, data_time = 0, 0.0
+        window_start = time.perf_counter()
+        saved_at = None
+        progress = self._progress_bar()
+        task = (
+            progress.add_task("train", total=total, completed=start, info="") if progress else None
+        )
+        with progress or contextlib.nullcontext():
+            while step < end:
+                epoch = step // self.plan.steps_per_epoch
+                self.sampler.set_epoch(epoch, step % self.plan.steps_per_epoch)
+                fetch_start = time.perf_counter()
+                for batch in loader:
+                    data_time += time.perf_counter() - fetch_start
+                    out = self._step(module, batch, step, epoch, grad_params)
+                    for key, value in out.items():
+                        window[key] = window.get(key, 0.0) + value
+                    window_steps += 1
+                    step += 1
+                    at_epoch_end = step % self.plan.steps_per_epoch == 0
+                    if step % run.log_every == 0 or step == end:
+                        last = self._log(log, window, window_steps, window_start, data_time, step)
+                        window, window_steps, data_time = {}, 0, 0.0
+                        window_start = time.perf_counter()
+                        if progress is not None:
+                            progress.update(task, info=self._progress_info(last))
+                    if progress is not None:
+                        progress.update(task, completed=step)
+                    if self.evaluate is not None and (
+                        step == total
+                        or (
+                            at_epoch_end
+                            and (step // self.plan.steps_per_epoch) % run.eval_every == 0
+                        )
+                    ):
+                        self._run_evaluation(step, log)
+                    if step % run.checkpoint_every == 0 or step == end:
+                        saved_at = self._save(step)
+                    if step >= end:
+                        break
+                    fetch_start = time.perf_counter()
+
+        D.broadcast_buffers(self.model)
+        hashes = D.all_gather_json(weights_sha256(self.model), self._collective_device())
+        if log is not None:
+            if step == total:
+                log.write({"kind": "final", "step": step, "weights_sha256": hashes})
+            log.close()
+        components = {k: v for k, v in last.items() if k.startswith("loss_")}
+        return RunResult(
+            run_dir=self.run_dir,
+            step=step,
+            total_steps=total,
+            epoch=math.ceil(step / self.plan.steps_per_epoch),
+            completed=step == total,
+            final_loss=last.get("loss"),
+            final_components=components,
+            best=self.best,
+            weights_sha256=hashes,
+            checkpoint=saved_at,
+            resumed_from=start if resume else None,
+        )
+
+    def _step(
+        self, module: nn.Module, batch: Batch, step: int, epoch: int, params: list[nn.Parameter]
+    ) -> dict[str, torch.Tensor]:
+        """One optimiser step; returns the detached loss (and components, grad norm)."""
+        batch = move_to(batch, self.device)
+        if self.prepare_batch is not None:
+            ctx = StepContext(
+                step=step,
+                epoch=epoch,
+                rank=self.dist.rank,
+                device=self.device,
+                generator=step_generator(self.recipe.run.seed, step, self.dist.rank),
+            )
+            with torch.no_grad():
+                batch = self.prepare_batch(batch, ctx)
+        set_lr(
+            self.optimizer,
+            lr_at(
+                step,
+                self.recipe.optim.lr,
+                self.recipe.schedule.min_lr,
+                self.plan.total_steps,
+                self.plan.warmup_steps,
+            ),
+        )
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            out = module(batch)
+        if "loss" not in out:
+            raise KeyError(f"{type(self.model).__name__}.forward must return a dict with 'loss'")
+        loss = out["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        logged = {"loss": loss.detach().float()}
+        logged.update({k: v.detach().float() for k, v in out.items() if k.startswith("loss_")})
+        if self.recipe.optim.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.recipe.optim.grad_clip)
+            logged["grad_norm"] = norm.detach().float()
+        self.optimizer.step()
+        return logged
+
+    def _log(
+        self,
+        log: MetricsLog | None,
+        window: dict[str, torch.Tensor],
+        steps: int,
+        started: float,
+        data_time: float,
+        step: int,
+    ) -> dict[str, float]:
+        """Average the window over steps and ranks, write a ``train`` record (rank 0)."""
+        keys = sorted(window)
+        values = torch.stack([window[k] for k in keys]).to(self._collective_device())
+        values = D.all_reduce_sum(values) / (steps * self.dist.world_size)
+        record = dict(zip(keys, values.tolist(), strict=True))
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(
+                f"the loss became {record['loss']} by step {step}; the last checkpoint is in "
+                f"{self.run_dir / 'checkpoints'} (try a lower optim.lr or optim.grad_clip)"
+            )
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        record = {
+            "kind": "train",
+            "step": step,
+            "epoch": round(step / self.plan.steps_per_epoch, 4),
+            **{k: record[k] for k in ["loss"] + [k for k in keys if k != "loss"]},
+            "lr": self.optimizer.param_groups[0]["lr"]
+            / self.optimizer.param_groups[0].get("lr_scale", 1.0),
+            "samples_per_s": steps * self.batch_size * self.dist.world_size / elapsed,
+            "data_fraction": data_time / elapsed,
+            "peak_memory_mb": peak_memory_mb(self.device),
+        }
+        if log is not None:
+            log.write(record)
+        return record
+
+    def _progress_bar(self) -> Progress | None:
+        if not self.progress:
+            return None
+        return Progress(
+            TextColumn("[bold cyan]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+
+    @staticmethod
+    def _progress_info(record: dict[str, float]) -> str:
+        parts = [f"loss {record['loss']:.4g}"]
+        parts += [f"{k[5:]} {v:.4g}" for k, v in record.items() if k.startswith("loss_")]
+        parts.append(f"lr {record['lr']:.2e}")
+        parts.append(f"{record['samples_per_s']:.0f} samples/s")
+        parts.append(f"{record['peak_memory_mb']:.0f} MB")
+        return " · ".join(parts)
