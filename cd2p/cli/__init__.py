@@ -5,7 +5,11 @@ from __future__ import annotations
 import click
 
 from cd2p import __version__
+from cd2p.cli.convert import convert
 from cd2p.cli.demo import demo
+from cd2p.cli.evaluate import evaluate
+from cd2p.cli.finetune import finetune
+from cd2p.cli.hub import pull, push
 from cd2p.cli.info import info
 from cd2p.cli.plot import plot
 from cd2p.cli.prepare import prepare
@@ -27,8 +31,13 @@ def main() -> None:
 
 
 main.add_command(info)
+main.add_command(push)
+main.add_command(pull)
+main.add_command(convert)
 main.add_command(prepare)
 main.add_command(pretrain)
+main.add_command(finetune)
+main.add_command(evaluate)
+main.add_command(synthetic)
 main.add_command(plot)
 main.add_command(demo)
-main.add_command(synthetic)

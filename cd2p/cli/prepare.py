@@ -109,3 +109,9 @@ def summary_table(report: dict[str, Any]) -> Table:
 
 
 prepare.add_command(teacher)
+
+from cd2p.cli import prepare_benchmarks as _benchmarks  # noqa: E402
+
+prepare.add_command(_benchmarks.modelnet40)
+prepare.add_command(_benchmarks.scanobjectnn)
+prepare.add_command(_benchmarks.shapenetpart)

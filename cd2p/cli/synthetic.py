@@ -86,3 +86,9 @@ def scannet(
     )
     instances = ", ".join(f"{n} {label}" for label, n in sorted(summary.instances.items()))
     console.print(f"objects: {instances}")
+
+
+from cd2p.cli import synthetic_shapes as _shapes  # noqa: E402
+
+synthetic.add_command(_shapes.modelnet40)
+synthetic.add_command(_shapes.shapenetpart)

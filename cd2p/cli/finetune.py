@@ -1,0 +1,129 @@
+"""``cd2p finetune classification|partseg``: fine-tune (or linearly probe) a backbone."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from cd2p.cli._common import console, user_errors
+
+DEFAULT_RECIPES = {"classification": "finetune-modelnet40", "partseg": "finetune-shapenetpart"}
+
+
+@click.command()
+@click.argument("task", type=click.Choice(["classification", "partseg"]))
+@click.option(
+    "--recipe",
+    "recipe_arg",
+    default=None,
+    help="Recipe YAML path or shipped name [default: finetune-modelnet40 / "
+    "finetune-shapenetpart; with --resume the run's].",
+)
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Prepared dataset (`cd2p prepare modelnet40|scanobjectnn|shapenetpart` OUT).",
+)
+@click.option(
+    "--init",
+    default=None,
+    help="Pre-trained backbone: a pre-training RUN, its RUN/backbone, or a Hub id "
+    "[default: train from scratch].",
+)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="New run directory.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override a recipe value, e.g. --set schedule.epochs=10 (repeatable).",
+)
+@click.option(
+    "--linear-probe",
+    is_flag=True,
+    help="Freeze the backbone and fit a linear classifier on its pooled features.",
+)
+@click.option(
+    "--resume",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Continue the run in this directory from its latest checkpoint.",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@user_errors
+def finetune(
+    task: str,
+    recipe_arg: str | None,
+    data: Path | None,
+    init: str | None,
+    out: Path | None,
+    overrides: tuple[str, ...],
+    linear_probe: bool,
+    resume: Path | None,
+    no_progress: bool,
+) -> None:
+    """Fine-tune a task model on a prepared benchmark; the best model goes to RUN/model.
+
+    \b
+    Examples:
+      cd2p finetune classification --recipe finetune-modelnet40 --data prepared/modelnet40 \\
+          --init runs/distill --out runs/mn40
+      cd2p finetune partseg --data prepared/shapenetpart --init org/cd2p-base --out runs/snp
+      cd2p finetune classification --data prepared/modelnet40 --init runs/distill \\
+          --linear-probe --out runs/mn40-probe
+    """
+    from cd2p.config import load_recipe
+    from cd2p.engine import distributed as D
+    from cd2p.engine.finetune import run_finetune
+
+    if resume is not None:
+        if recipe_arg or overrides or linear_probe or init:
+            raise click.UsageError(
+                "--resume continues with the run's saved settings: drop "
+                "--recipe/--set/--init/--linear-probe"
+            )
+        if out is not None and out.resolve() != resume.resolve():
+            raise click.UsageError("--out and --resume name different directories")
+        recipe, name, out = None, None, resume
+    else:
+        if out is None or data is None:
+            raise click.UsageError("a new run needs --data PREPARED and --out RUN (or --resume)")
+        name = recipe_arg or DEFAULT_RECIPES[task]
+        extra = ["finetune.linear_probe=true"] if linear_probe else []
+        recipe = load_recipe(name, [*overrides, *extra])
+    result = run_finetune(
+        task,
+        recipe,
+        data,
+        init,
+        out,
+        resume=resume is not None,
+        progress=not no_progress,
+        recipe_name=name,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        table = Table(title=f"cd2p finetune {task}: {out}", show_header=False)
+        table.add_column(style="bold cyan")
+        table.add_column()
+        if result.run is not None:
+            run = result.run
+            table.add_row("steps", f"{run.step} / {run.total_steps} ({run.epoch} epochs)")
+        if result.best:
+            table.add_row(
+                f"best {result.best['metric']}",
+                f"{100 * result.best['value']:.2f} % at step {result.best['step']}",
+            )
+        for key, value in result.metrics.items():
+            table.add_row(key, f"{100 * value:.2f} %")
+        for note in result.notes:
+            table.add_row("note", note)
+        table.add_row(
+            "model",
+            str(result.model_dir)
+            if result.model_dir
+            else ("(linear probe: RUN/probe)" if result.run is None else "(not yet)"),
+        )
+        console.print(table)
+    D.cleanup()

@@ -1,0 +1,126 @@
+"""``cd2p push`` and ``cd2p pull``: share models through the Hugging Face Hub.
+
+Authentication is huggingface_hub's own: ``hf auth login`` or the ``HF_TOKEN`` variable. There
+is deliberately no token option, so a token never lands in shell history or logs.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from rich.table import Table
+
+from cd2p.cli._common import Cd2pError, console, user_errors
+
+
+def hub_errors(func: Callable) -> Callable:
+    """Hub failures (not logged in, no such repo, offline) as one clean line, with a hint."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except OfflineModeIsEnabled as exc:
+            raise Cd2pError(f"{exc} (HF_HUB_OFFLINE is set)") from exc
+        except HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else None
+            hint = (
+                "; log in with `hf auth login` or set HF_TOKEN to a token with write access"
+                if status in (401, 403)
+                else ""
+            )
+            first = str(exc).splitlines()[0]
+            raise Cd2pError(f"the Hub refused the request: {first}{hint}") from exc
+
+    return wrapper
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private (new repos only).")
+@click.option("--revision", default=None, help="Branch to commit to (created if missing).")
+@click.option("--commit-message", default=None, help="Commit message.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
+@click.option(
+    "--dry-run",
+    "dry_run",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Write exactly what would be uploaded into DIR; upload nothing.",
+)
+@user_errors
+@hub_errors
+def push(
+    path: Path,
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    commit_message: str | None,
+    create_pr: bool,
+    dry_run: Path | None,
+) -> None:
+    """Upload a run's exported model (or a model directory) PATH to the Hub repo REPO_ID.
+
+    \b
+    Uploaded, in one commit: config.json, model.safetensors, README.md (model card with
+    the run's metrics and recipe), recipe.yaml, metrics.jsonl / metrics.json /
+    eval/metrics.json and *.png plots. Never checkpoints, optimizer states or data; a file
+    holding an access token stops the push.
+    """
+    from cd2p.hub import push as push_model
+
+    with console.status("rendering the model card and checking files"):
+        result = push_model(
+            path,
+            repo_id,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+            create_pr=create_pr,
+            dry_run_dir=dry_run,
+        )
+    table = Table(title=f"{'would upload' if dry_run else 'uploaded'} to {repo_id}")
+    table.add_column("file", style="cyan")
+    table.add_column("size", justify="right")
+    for name in result.files:
+        table.add_row(name, _size(result.sizes[name]))
+    console.print(table)
+    if dry_run is not None:
+        console.print(f"dry run: nothing uploaded; the files are in [bold]{dry_run}[/]")
+    elif result.pr_url:
+        console.print(f"pull request: {result.pr_url}")
+    else:
+        console.print(f"commit: {result.commit_url}")
+
+
+@click.command()
+@click.argument("repo_id")
+@click.option("--revision", default=None, help="Branch, tag or commit (default: main).")
+@user_errors
+@hub_errors
+def pull(repo_id: str, revision: str | None) -> None:
+    """Download the Hub repo REPO_ID into the Hugging Face cache and print its local path.
+
+    Load it in Python with cd2p.from_pretrained(REPO_ID) (the cache is reused).
+    """
+    from cd2p.hub import pull as pull_model
+
+    with console.status(f"downloading {repo_id}"):
+        path = pull_model(repo_id, revision=revision)
+    # Only the path on stdout, so that scripts can use $(cd2p pull org/name).
+    click.echo(str(path))

@@ -1,0 +1,79 @@
+"""``cd2p prepare modelnet40|scanobjectnn|shapenetpart ROOT OUT``: one-time caches of the
+object benchmarks, so that training epochs never re-parse text or h5 files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from cd2p.cli._common import console, user_errors
+
+_DEVICE_HELP = "Device for farthest point sampling (cuda is much faster on the full datasets)."
+
+
+def _summary(out: Path) -> None:
+    meta = json.loads((out / "meta.json").read_text())
+    splits = ", ".join(f"{name} {info['count']}" for name, info in meta["splits"].items())
+    names = meta.get("class_names") or meta.get("category_names")
+    console.print(f"[green]prepared[/] {out}: {splits} shapes, {len(names)} classes")
+
+
+@click.command("modelnet40")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--points",
+    "num_points",
+    default=2048,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="FPS points kept per shape, in FPS order (2048 serves views of up to 1706 points).",
+)
+@click.option("--device", default="cpu", show_default=True, help=_DEVICE_HELP)
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+@user_errors
+def modelnet40(root: Path, out: Path, num_points: int, device: str, overwrite: bool) -> None:
+    """modelnet40_normal_resampled in ROOT -> classification cache in OUT (safetensors)."""
+    from cd2p.data.modelnet40 import prepare_modelnet40
+
+    _summary(prepare_modelnet40(root, out, num_points, device, overwrite))
+
+
+@click.command("scanobjectnn")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--variant",
+    "variants",
+    multiple=True,
+    type=click.Choice(["objbg", "objonly", "hardest"]),
+    help="Variants to prepare (repeatable) [default: all whose files are in ROOT].",
+)
+@click.option("--device", default="cpu", show_default=True, help=_DEVICE_HELP)
+@click.option("--overwrite", is_flag=True, help="Replace existing OUT/<variant> caches.")
+@user_errors
+def scanobjectnn(
+    root: Path, out: Path, variants: tuple[str, ...], device: str, overwrite: bool
+) -> None:
+    """ScanObjectNN h5_files in ROOT -> OUT/objbg, OUT/objonly, OUT/hardest caches.
+
+    hardest is PB-T50-RS (main_split/*_augmentedrot_scale75.h5).
+    """
+    from cd2p.data.scanobjectnn import prepare_scanobjectnn
+
+    for path in prepare_scanobjectnn(root, out, variants or None, device, overwrite):
+        _summary(path)
+
+
+@click.command("shapenetpart")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+@user_errors
+def shapenetpart(root: Path, out: Path, overwrite: bool) -> None:
+    """shapenetcore_partanno_segmentation_benchmark_v0_normal in ROOT -> part cache in OUT."""
+    from cd2p.data.shapenetpart import prepare_shapenetpart
+
+    _summary(prepare_shapenetpart(root, out, overwrite))

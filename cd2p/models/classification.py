@@ -1,0 +1,109 @@
+"""Object classification on top of the cd2p backbone (Point-MAE's fine-tuning model)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from cd2p.models.backbone import Cd2pBackbone
+from cd2p.models.hub import Cd2pHubMixin
+
+
+def mlp_head(in_dim: int, hidden: Sequence[int], out_dim: int, dropout: float) -> nn.Sequential:
+    """``Linear -> BN -> ReLU -> Dropout`` for every hidden width, then a final ``Linear``."""
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [
+            nn.Linear(in_dim, width),
+            nn.BatchNorm1d(width),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+        ]
+        in_dim = width
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+def backbone_config(backbone: Cd2pBackbone, **overrides: Any) -> dict[str, Any]:
+    """The constructor arguments of ``backbone`` (as saved in its ``config.json``), updated
+    with ``overrides`` (e.g. the task's ``num_groups``)."""
+    config = dict(getattr(backbone, "_hub_mixin_config", None) or {})
+    config.pop("model_kind", None)
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    return config
+
+
+class Cd2pForClassification(nn.Module, Cd2pHubMixin, model_kind="classification"):
+    """Backbone + class token + MLP head: ``points (B, N, 3)`` -> logits ``(B, num_classes)``.
+
+    As Point-MAE's fine-tuning model: a learnable class token (and its positional embedding)
+    is prepended to the patch tokens, the transformer runs over both, and the head reads the
+    concatenation of the class token and the max-pool of the patch tokens ``(B, 2 * dim)``
+    through ``Linear -> BN -> ReLU -> Dropout`` blocks (256, 256) to the classes.
+
+    Args:
+        backbone: :class:`Cd2pBackbone` constructor arguments (``dim``, ``depth``, ...).
+        num_classes: output classes.
+        head_channels: hidden widths of the head.
+        head_dropout: dropout after every hidden layer of the head.
+        class_names: names of the classes, in label order (kept in ``config.json``).
+        num_points: points per cloud in training; evaluation uses as many (a recorded hint,
+            the network itself accepts any ``N``).
+    """
+
+    def __init__(
+        self,
+        backbone: dict[str, Any] | None = None,
+        num_classes: int = 40,
+        head_channels: Sequence[int] = (256, 256),
+        head_dropout: float = 0.5,
+        class_names: Sequence[str] | None = None,
+        num_points: int = 1024,
+    ) -> None:
+        super().__init__()
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        self.backbone = Cd2pBackbone(**(backbone or {}))
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names is not None else None
+        self.num_points = num_points
+        dim = self.backbone.dim
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.cls_pos = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.cls_pos, std=0.02)
+        self.head = mlp_head(2 * dim, head_channels, num_classes, head_dropout)
+
+    @classmethod
+    def from_backbone(
+        cls,
+        pretrained: Cd2pBackbone,
+        backbone_overrides: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Cd2pForClassification:
+        """A classifier whose backbone starts from ``backbone``'s weights (the head is new).
+
+        ``backbone_overrides`` changes per-task settings of the backbone (``num_groups``,
+        ``group_size``, ``drop_path_rate``); ``kwargs`` go to the constructor.
+        """
+        config = backbone_config(pretrained, **(backbone_overrides or {}))
+        model = cls(backbone=config, **kwargs)
+        model.backbone.load_state_dict(pretrained.state_dict(), strict=True)
+        return model
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """``points (B, N, 3)`` -> class logits ``(B, num_classes)``."""
+        groups = self.backbone.group(points)
+        tokens, pos = self.backbone.embed(groups.neighborhoods, groups.centers)
+        batch = tokens.shape[0]
+        tokens = torch.cat([self.cls_token.expand(batch, -1, -1), tokens], dim=1)
+        pos = torch.cat([self.cls_pos.expand(batch, -1, -1), pos], dim=1)
+        x, _ = self.backbone.encode(tokens, pos)
+        features = torch.cat([x[:, 0], x[:, 1:].max(dim=1).values], dim=-1)  # (B, 2 * dim)
+        return self.head(features)
+
+
+__all__ = ["Cd2pForClassification", "backbone_config", "mlp_head"]
