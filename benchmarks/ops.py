@@ -1,6 +1,6 @@
 """Time farthest point sampling and kNN at the sizes cd2p uses.
 
-    python benchmarks/ops.py [--repeats 3] [--device cpu|cuda|all]
+    python benchmarks/ops.py [--repeats 3] [--device cpu|cuda|all] [--threads T]
 
 Rows: B x N -> M (kNN takes K = 32 neighbours of the M centers among the N points).
 Columns: milliseconds per call for the pure-torch backend and torch-cluster (when installed),
@@ -40,12 +40,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     backends = ["torch"] + (["cluster"] if cluster_available() else [])
 
-    title = f"cd2p.ops: best of {args.repeats}, ms per call (torch {torch.__version__})"
+    title = (
+        f"cd2p.ops: best of {args.repeats}, ms per call "
+        f"(torch {torch.__version__}, {torch.get_num_threads()} CPU threads)"
+    )
     table = Table(title=title)
     for col in ("device", "op", "B x N -> M"):
         table.add_column(col)

