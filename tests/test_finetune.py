@@ -190,3 +190,23 @@ def test_partseg_beats_the_majority_part_baseline(tmp_path, parts):
     assert result.metrics["instance_miou"] > base + 0.1, (result.metrics, base)
     loaded = Cd2pForPartSegmentation.from_pretrained(tmp_path / "run" / "model")
     assert loaded.category_names == test.category_names
+
+
+def test_interrupted_finetune_resumes_to_the_same_model(tmp_path, shapes):
+    sets = [*TINY_SETS, "data.batch_size=8", "schedule.epochs=2", "run.eval_every=1",
+            "run.checkpoint_every=6", "finetune.votes=1", "finetune.head_channels=[32]",
+            "data.num_workers=0"]  # fmt: skip
+    recipe = load_recipe("finetune-synthetic-shapes", sets)
+    whole = run_finetune("classification", recipe, shapes, None, tmp_path / "whole", progress=False)
+    stopped = run_finetune(
+        "classification", recipe, shapes, None, tmp_path / "part", progress=False, stop_after=6
+    )
+    assert not stopped.run.completed and stopped.run.step == 6
+    args = ["finetune", "classification", "--resume", str(tmp_path / "part"), "--no-progress"]
+    cli = CliRunner().invoke(main, args)
+    assert cli.exit_code == 0, cli.output
+    ref = Cd2pForClassification.from_pretrained(tmp_path / "whole" / "model").state_dict()
+    got = Cd2pForClassification.from_pretrained(tmp_path / "part" / "model").state_dict()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    saved = json.loads((tmp_path / "part" / "metrics.json").read_text())
+    assert saved["oa"] == whole.metrics["oa"]
