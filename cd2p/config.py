@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
-import tempfile
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -20,6 +18,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from cd2p._atomic import atomic_write_text
 from cd2p._resources import recipe_path
 
 T = TypeVar("T")
@@ -143,6 +142,9 @@ class FinetuneConfig:
     eval_batch_size: int = 32
     # Frozen backbone + linear classifier on max/mean-pooled tokens instead of fine-tuning.
     linear_probe: bool = False
+    # Few-shot classification: train on K shapes per class of train_split, drawn with run.seed
+    # (null: the whole split). Works with fine-tuning and with linear_probe.
+    few_shot: int | None = None
 
 
 @dataclass
@@ -310,9 +312,5 @@ def dump_recipe(recipe: Recipe) -> str:
 def save_recipe(recipe: Recipe, path: str | Path) -> Path:
     """Write ``recipe`` as YAML atomically (temporary file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(dump_recipe(recipe))
-    os.replace(tmp, path)
+    atomic_write_text(path, dump_recipe(recipe))
     return path

@@ -22,11 +22,8 @@ mask buffers. Foreign files are read with ``torch.load(weights_only=True)`` only
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file, save_model
 
+from cd2p._atomic import atomic_directory
 from cd2p.hub import CONVERTED_FROM_KEY
 from cd2p.models.backbone import Cd2pBackbone
 from cd2p.models.hub import WEIGHTS_NAME
@@ -159,16 +157,8 @@ def _atomic_dir(out: Path) -> Iterator[Path]:
     """A temporary sibling of ``out``, renamed to ``out`` when the block completes."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         yield tmp
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def convert_point_mae(

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from huggingface_hub import (
 from safetensors import safe_open
 from torch import nn
 
+from cd2p._atomic import atomic_directory
 from cd2p.models.hub import CONFIG_NAME, WEIGHTS_NAME
 
 # Key of the safetensors metadata where `cd2p convert` records a model's origin.
@@ -90,10 +90,7 @@ def read_config(repo_id_or_dir: str | Path, **hub_kwargs: Any) -> dict[str, Any]
                 **{k: v for k, v in hub_kwargs.items() if k in keep},
             )
         )
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    config = _read_json(path)
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
     return config
@@ -322,9 +319,7 @@ def _write_dry_run(files: dict[str, Path | bytes], out: Path) -> None:
     """Write exactly the upload into ``out`` (created; must not hold anything yet)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not empty; choose a new --dry-run dir")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         for name, source in files.items():
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -332,12 +327,6 @@ def _write_dry_run(files: dict[str, Path | bytes], out: Path) -> None:
                 target.write_bytes(source)
             else:
                 shutil.copyfile(source, target)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def push(

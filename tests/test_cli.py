@@ -1,10 +1,14 @@
 import subprocess
 import sys
 
+import click
+import pytest
+import torch
 from click.testing import CliRunner
 
 from cd2p import __version__
 from cd2p.cli import main
+from cd2p.cli._common import resolve_device, resumed_run_dir
 from cd2p.cli.info import environment_report
 
 
@@ -45,3 +49,21 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "cd2p", "--version"], capture_output=True, text=True, check=True
     )
     assert __version__ in out.stdout
+
+
+def test_device_values_resolve_or_fail_as_usage_errors():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(click.BadParameter, match="gpu"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(click.BadParameter, match="CUDA is not available"):
+            resolve_device("cuda:1")
+
+
+def test_resume_and_out_must_name_the_same_run(tmp_path):
+    run = tmp_path / "run"
+    assert resumed_run_dir(None, run) == run
+    assert resumed_run_dir(tmp_path / "." / "run", run) == run
+    with pytest.raises(click.UsageError, match="different directories"):
+        resumed_run_dir(tmp_path / "other", run)

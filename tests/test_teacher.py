@@ -8,7 +8,6 @@ loading code runs without the 600 MB downloads.
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import open_clip
@@ -24,26 +23,8 @@ from cd2p.models.teacher import (
     load_clipcap_mapper,
 )
 
-TINY = "cd2p-test-tiny-vit"
 MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN)
 STD = torch.tensor(open_clip.OPENAI_DATASET_STD)
-
-
-@pytest.fixture(scope="session")
-def tiny_model_name(tmp_path_factory) -> str:
-    """A registered open_clip config with ViT-B/32's interface (224 px in, 512-d out), tiny."""
-    config = {
-        "embed_dim": 512,
-        "quick_gelu": True,
-        "vision_cfg": {"image_size": 224, "layers": 1, "width": 64, "head_width": 32,
-                       "patch_size": 32},
-        "text_cfg": {"context_length": 77, "vocab_size": 1000, "width": 32, "heads": 1,
-                     "layers": 1},
-    }
-    path = tmp_path_factory.mktemp("open_clip_configs") / f"{TINY}.json"
-    path.write_text(json.dumps(config))
-    open_clip.add_model_config(path)
-    return TINY
 
 
 def clipcap_state(mapper: ClipCapMapper) -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ registered open_clip config, so the real preprocessing, batching and file code a
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import zlib
 
@@ -26,26 +25,8 @@ from cd2p.data.scannet_pairs import pair_features
 from cd2p.data.teacher_targets import plan_teacher_targets, prepare_teacher_targets
 from cd2p.models.teacher import ClipCapMapper, Teacher
 
-TINY = "cd2p-test-tiny-vit-targets"
 SCENES = {"scene0000_00": 3, "scene0001_00": 5, "scene0002_00": 0}
 POINTS = 8
-
-
-@pytest.fixture(scope="session")
-def tiny_model_name(tmp_path_factory) -> str:
-    """A registered open_clip config with ViT-B/32's interface (224 px in, 512-d out), tiny."""
-    config = {
-        "embed_dim": 512,
-        "quick_gelu": True,
-        "vision_cfg": {"image_size": 224, "layers": 1, "width": 64, "head_width": 32,
-                       "patch_size": 32},
-        "text_cfg": {"context_length": 77, "vocab_size": 1000, "width": 32, "heads": 1,
-                     "layers": 1},
-    }
-    path = tmp_path_factory.mktemp("open_clip_configs") / f"{TINY}.json"
-    path.write_text(json.dumps(config))
-    open_clip.add_model_config(path)
-    return TINY
 
 
 def scene_images(scene_id: str, rows: int) -> list[bytes]:

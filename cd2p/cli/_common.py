@@ -1,14 +1,21 @@
-"""Helpers shared by the CLI commands: one rich console, error reporting, recipe options."""
+"""Helpers shared by the CLI commands: one rich console, error reporting, the options and
+argument types several commands declare alike, device choice and summary tables."""
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:  # torch is imported only by the commands that run something
+    import torch
 
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -48,3 +55,61 @@ def parse_shard(value: str | None) -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise click.BadParameter(f"shard index must satisfy 0 <= I < N, got {value!r}")
     return index, count
+
+
+# -- argument types and options several commands share -----------------------------------------
+EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+OUTPUT_DIR = click.Path(file_okay=False, path_type=Path)
+
+#: ``TASK`` of ``cd2p finetune`` and ``cd2p evaluate``.
+task_argument = click.argument("task", type=click.Choice(["classification", "partseg"]))
+#: ``--out RUN`` of the training commands.
+run_out_option = click.option("--out", type=OUTPUT_DIR, help="New run directory.")
+#: ``--resume RUN`` of the training commands.
+resume_option = click.option(
+    "--resume",
+    type=EXISTING_DIR,
+    help="Continue the run in this directory from its latest checkpoint.",
+)
+
+
+def overrides_option(
+    help_text: str = "Override a recipe value, e.g. --set schedule.epochs=10 (repeatable).",
+) -> Callable:
+    """``--set SECTION.KEY=VALUE`` (repeatable), passed to the command as ``overrides``."""
+    return click.option(
+        "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=help_text
+    )
+
+
+def resumed_run_dir(out: Path | None, resume: Path) -> Path:
+    """The run directory of ``--resume RUN``; a ``--out`` given with it must name the same one."""
+    if out is not None and out.resolve() != resume.resolve():
+        raise click.UsageError("--out and --resume name different directories")
+    return resume
+
+
+def is_main_process() -> bool:
+    """Whether this is rank 0 (under ``torchrun`` only rank 0 prints the summary)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device`` value -> device: ``"auto"`` is the GPU when there is one, else the CPU;
+    ``cpu``, ``cuda``, ``cuda:1``... as given (a usage error if CUDA is missing)."""
+    from cd2p.engine.distributed import resolve_device as resolve
+
+    try:
+        return resolve(name)
+    except (ValueError, RuntimeError) as exc:  # no CUDA here / not a device name at all
+        reason = "CUDA is not available on this machine" if name.startswith("cuda") else str(exc)
+        raise click.BadParameter(reason, param_hint="--device") from None
+
+
+def key_value_table(title: str) -> Table:
+    """The two-column (name, value) summary table the commands print at the end."""
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold cyan")
+    table.add_column()
+    return table

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.table import Table
 
-from cd2p.cli._common import console, user_errors
+from cd2p.cli._common import EXISTING_FILE, OUTPUT_DIR, console, key_value_table, user_errors
 
 
 @click.group()
@@ -16,8 +15,8 @@ def convert() -> None:
 
 
 @convert.command("point-mae")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("checkpoint", type=EXISTING_FILE)
+@click.argument("out", type=OUTPUT_DIR)
 @click.option("--num-heads", default=6, show_default=True, help="Attention heads (not in weights).")
 @click.option("--num-groups", default=64, show_default=True, help="Patches per cloud.")
 @click.option("--group-size", default=32, show_default=True, help="Points per patch.")
@@ -39,9 +38,7 @@ def point_mae(
         checkpoint, out, num_heads=num_heads, num_groups=num_groups, group_size=group_size,
         drop_path_rate=drop_path_rate,
     )
-    table = Table(title=f"{checkpoint.name} ({report.layout}) -> {out}", show_header=False)
-    table.add_column(style="bold cyan")
-    table.add_column()
+    table = key_value_table(f"{checkpoint.name} ({report.layout}) -> {out}")
     for key, value in report.config.items():
         table.add_row(key, f"{value:g}" if isinstance(value, float) else str(value))
     table.add_row("tensors kept", str(report.kept))
@@ -51,8 +48,8 @@ def point_mae(
 
 
 @convert.command("clipcap")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("checkpoint", type=EXISTING_FILE)
+@click.argument("out", type=OUTPUT_DIR)
 @click.option("--n-head", type=int, default=None, help="GPT-2 heads (default: width / 64).")
 @user_errors
 def clipcap(checkpoint: Path, out: Path, n_head: int | None) -> None:

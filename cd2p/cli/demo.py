@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from cd2p.cli._common import console, user_errors
+from cd2p.cli._common import EXISTING_FILE, OUTPUT_DIR, console, overrides_option, user_errors
 
 
 @click.command()
 @click.option(
     "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=OUTPUT_DIR,
     default=Path("cd2p-demo"),
     show_default=True,
     help="Where the demo writes everything (a previous demo's directory is replaced).",
@@ -20,17 +20,16 @@ from cd2p.cli._common import console, user_errors
 @click.option("--quick", is_flag=True, help="Tiny sizes: checks the pipeline in seconds.")
 @click.option(
     "--clip-weights",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=EXISTING_FILE,
     help="Local open_clip ViT-B-32-quickgelu weights for the real teacher.",
 )
 @click.option(
     "--clipcap-weights",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=EXISTING_FILE,
     help="Local ClipCap conceptual_weights.pt for the real teacher.",
 )
 @click.option("--random-teacher", is_flag=True, help="Use the random teacher even if CLIP is here.")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-              help="Override recipes/demo.yaml, e.g. --set schedule.epochs=5.")  # fmt: skip
+@overrides_option("Override recipes/demo.yaml, e.g. --set schedule.epochs=5.")
 @user_errors
 def demo(
     workdir: Path,

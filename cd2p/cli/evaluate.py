@@ -9,7 +9,15 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from cd2p.cli._common import console, user_errors
+from cd2p._atomic import atomic_write_json
+from cd2p.cli._common import (
+    EXISTING_DIR,
+    OUTPUT_DIR,
+    console,
+    resolve_device,
+    task_argument,
+    user_errors,
+)
 
 
 def _pct(value: float) -> str:
@@ -17,7 +25,7 @@ def _pct(value: float) -> str:
 
 
 @click.command()
-@click.argument("task", type=click.Choice(["classification", "partseg"]))
+@task_argument
 @click.option(
     "--model",
     "model_id",
@@ -27,7 +35,7 @@ def _pct(value: float) -> str:
 @click.option(
     "--data",
     required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    type=EXISTING_DIR,
     help="Prepared dataset (`cd2p prepare ...` OUT).",
 )
 @click.option("--split", default="test", show_default=True, help="Split of the prepared data.")
@@ -49,7 +57,7 @@ def _pct(value: float) -> str:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option(
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=OUTPUT_DIR,
     default=None,
     help="Write metrics.json (and confusion_matrix.png) here.",
 )
@@ -74,7 +82,6 @@ def evaluate(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from cd2p.engine.distributed import resolve_device
     from cd2p.engine.finetune import evaluate as run_evaluate
     from cd2p.engine.finetune import load_task_split
     from cd2p.engine.metrics import plot_confusion_matrix
@@ -142,8 +149,7 @@ def evaluate(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         payload = {**report.to_json(), "model": model_id, "data": str(data), "split": split}
-        (out / ".metrics.json.tmp").write_text(json.dumps(payload, indent=2))
-        (out / ".metrics.json.tmp").replace(out / "metrics.json")
+        atomic_write_json(out / "metrics.json", payload)
         written = [out / "metrics.json"]
         if report.confusion is not None:
             title = f"{model_id} on {data.name} ({split}, " + (

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
-from rich.table import Table
 
-from cd2p.cli._common import console, user_errors
+from cd2p.cli._common import (
+    EXISTING_DIR,
+    console,
+    is_main_process,
+    key_value_table,
+    overrides_option,
+    resume_option,
+    resumed_run_dir,
+    run_out_option,
+    task_argument,
+    user_errors,
+)
 
 DEFAULT_RECIPES = {"classification": "finetune-modelnet40", "partseg": "finetune-shapenetpart"}
 
 
 @click.command()
-@click.argument("task", type=click.Choice(["classification", "partseg"]))
+@task_argument
 @click.option(
     "--recipe",
     "recipe_arg",
@@ -24,7 +33,7 @@ DEFAULT_RECIPES = {"classification": "finetune-modelnet40", "partseg": "finetune
 )
 @click.option(
     "--data",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    type=EXISTING_DIR,
     help="Prepared dataset (`cd2p prepare modelnet40|scanobjectnn|shapenetpart` OUT).",
 )
 @click.option(
@@ -33,24 +42,23 @@ DEFAULT_RECIPES = {"classification": "finetune-modelnet40", "partseg": "finetune
     help="Pre-trained backbone: a pre-training RUN, its RUN/backbone, or a Hub id "
     "[default: train from scratch].",
 )
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="New run directory.")
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="SECTION.KEY=VALUE",
-    help="Override a recipe value, e.g. --set schedule.epochs=10 (repeatable).",
-)
+@run_out_option
+@overrides_option()
 @click.option(
     "--linear-probe",
     is_flag=True,
     help="Freeze the backbone and fit a linear classifier on its pooled features.",
 )
 @click.option(
-    "--resume",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Continue the run in this directory from its latest checkpoint.",
+    "--few-shot",
+    "few_shot",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="K",
+    help="Classification with K labelled training shapes per class, drawn with run.seed "
+    "(with fine-tuning or --linear-probe).",
 )
+@resume_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @user_errors
 def finetune(
@@ -61,6 +69,7 @@ def finetune(
     out: Path | None,
     overrides: tuple[str, ...],
     linear_probe: bool,
+    few_shot: int | None,
     resume: Path | None,
     no_progress: bool,
 ) -> None:
@@ -73,25 +82,29 @@ def finetune(
       cd2p finetune partseg --data prepared/shapenetpart --init org/cd2p-base --out runs/snp
       cd2p finetune classification --data prepared/modelnet40 --init runs/distill \\
           --linear-probe --out runs/mn40-probe
+      cd2p finetune classification --data prepared/modelnet40 --init runs/distill \\
+          --linear-probe --few-shot 5 --out runs/mn40-5shot
     """
     from cd2p.config import load_recipe
     from cd2p.engine import distributed as D
     from cd2p.engine.finetune import run_finetune
 
     if resume is not None:
-        if recipe_arg or overrides or linear_probe or init:
+        if recipe_arg or overrides or linear_probe or init or few_shot is not None:
             raise click.UsageError(
                 "--resume continues with the run's saved settings: drop "
-                "--recipe/--set/--init/--linear-probe"
+                "--recipe/--set/--init/--linear-probe/--few-shot"
             )
-        if out is not None and out.resolve() != resume.resolve():
-            raise click.UsageError("--out and --resume name different directories")
-        recipe, name, out = None, None, resume
+        recipe, name, out = None, None, resumed_run_dir(out, resume)
     else:
         if out is None or data is None:
             raise click.UsageError("a new run needs --data PREPARED and --out RUN (or --resume)")
         name = recipe_arg or DEFAULT_RECIPES[task]
         extra = ["finetune.linear_probe=true"] if linear_probe else []
+        if few_shot is not None:
+            if task != "classification":
+                raise click.UsageError("--few-shot is for classification")
+            extra.append(f"finetune.few_shot={few_shot}")
         recipe = load_recipe(name, [*overrides, *extra])
     result = run_finetune(
         task,
@@ -103,10 +116,8 @@ def finetune(
         progress=not no_progress,
         recipe_name=name,
     )
-    if int(os.environ.get("RANK", "0")) == 0:
-        table = Table(title=f"cd2p finetune {task}: {out}", show_header=False)
-        table.add_column(style="bold cyan")
-        table.add_column()
+    if is_main_process():
+        table = key_value_table(f"cd2p finetune {task}: {out}")
         if result.run is not None:
             run = result.run
             table.add_row("steps", f"{run.step} / {run.total_steps} ({run.epoch} epochs)")
@@ -117,6 +128,8 @@ def finetune(
             )
         for key, value in result.metrics.items():
             table.add_row(key, f"{100 * value:.2f} %")
+        if result.recipe.finetune.few_shot is not None:
+            table.add_row("few-shot", f"{result.recipe.finetune.few_shot} shapes per class")
         for note in result.notes:
             table.add_row("note", note)
         table.add_row(

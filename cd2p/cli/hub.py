@@ -15,7 +15,7 @@ import click
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from rich.table import Table
 
-from cd2p.cli._common import Cd2pError, console, user_errors
+from cd2p.cli._common import EXISTING_DIR, OUTPUT_DIR, Cd2pError, console, user_errors
 
 
 def hub_errors(func: Callable) -> Callable:
@@ -49,7 +49,7 @@ def _size(n: float) -> str:
 
 
 @click.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("path", type=EXISTING_DIR)
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo as private (new repos only).")
 @click.option("--revision", default=None, help="Branch to commit to (created if missing).")
@@ -58,7 +58,7 @@ def _size(n: float) -> str:
 @click.option(
     "--dry-run",
     "dry_run",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=OUTPUT_DIR,
     default=None,
     metavar="DIR",
     help="Write exactly what would be uploaded into DIR; upload nothing.",

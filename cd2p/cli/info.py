@@ -7,10 +7,9 @@ import platform
 
 import click
 import torch
-from rich.table import Table
 
 from cd2p import __version__
-from cd2p.cli._common import console
+from cd2p.cli._common import console, key_value_table
 from cd2p.ops import cluster_available, resolve_backend
 
 OPTIONAL_PACKAGES = ("torch_cluster", "open_clip_torch", "transformers", "datasets", "trimesh")
@@ -50,9 +49,7 @@ def environment_report() -> dict[str, str]:
 @click.command()
 def info() -> None:
     """Show cd2p, torch, CUDA / bf16, GPU, ops backend and optional packages."""
-    table = Table(title="cd2p environment", show_header=False)
-    table.add_column(style="bold cyan")
-    table.add_column()
+    table = key_value_table("cd2p environment")
     for key, value in environment_report().items():
         table.add_row(key, value)
     console.print(table)

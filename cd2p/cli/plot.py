@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from cd2p.cli._common import console, user_errors
+from cd2p.cli._common import EXISTING_DIR, console, user_errors
 
 
 @click.command()
-@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("run", type=EXISTING_DIR)
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),

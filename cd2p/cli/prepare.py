@@ -8,7 +8,15 @@ from typing import Any
 import click
 from rich.table import Table
 
-from cd2p.cli._common import Cd2pError, console, parse_shard, user_errors
+from cd2p.cli._common import (
+    EXISTING_DIR,
+    EXISTING_FILE,
+    OUTPUT_DIR,
+    Cd2pError,
+    console,
+    parse_shard,
+    user_errors,
+)
 from cd2p.cli.prepare_teacher import teacher
 
 
@@ -18,8 +26,8 @@ def prepare() -> None:
 
 
 @prepare.command("scannet")
-@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("root", type=EXISTING_DIR)
+@click.argument("out", type=OUTPUT_DIR)
 @click.option("--frame-skip", default=25, show_default=True, type=click.IntRange(min=1),
               help="Keep frames 0, K, 2K, ... of every scene.")
 @click.option("--points", "num_points", default=4096, show_default=True,
@@ -28,8 +36,7 @@ def prepare() -> None:
               show_default=True,
               help="Scenes of scannetv2_<split>.txt (found at ROOT, ROOT/meta or ROOT/..); "
                    "'all' = every scans/<scene>/ with a .sens.")
-@click.option("--scenes", "scenes_file", type=click.Path(exists=True, dir_okay=False,
-              path_type=Path), default=None,
+@click.option("--scenes", "scenes_file", type=EXISTING_FILE, default=None,
               help="Text file of scene ids, one per line (overrides --split).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Processes over scenes (use the number of cores).")

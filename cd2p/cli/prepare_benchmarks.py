@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from cd2p.cli._common import console, user_errors
+from cd2p.cli._common import EXISTING_DIR, OUTPUT_DIR, console, user_errors
 
 _DEVICE_HELP = "Device for farthest point sampling (cuda is much faster on the full datasets)."
 
@@ -21,8 +21,8 @@ def _summary(out: Path) -> None:
 
 
 @click.command("modelnet40")
-@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("root", type=EXISTING_DIR)
+@click.argument("out", type=OUTPUT_DIR)
 @click.option(
     "--points",
     "num_points",
@@ -42,8 +42,8 @@ def modelnet40(root: Path, out: Path, num_points: int, device: str, overwrite: b
 
 
 @click.command("scanobjectnn")
-@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("root", type=EXISTING_DIR)
+@click.argument("out", type=OUTPUT_DIR)
 @click.option(
     "--variant",
     "variants",
@@ -68,8 +68,8 @@ def scanobjectnn(
 
 
 @click.command("shapenetpart")
-@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("root", type=EXISTING_DIR)
+@click.argument("out", type=OUTPUT_DIR)
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
 @user_errors
 def shapenetpart(root: Path, out: Path, overwrite: bool) -> None:

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import click
-import torch
 from rich.panel import Panel
 from rich.progress import (
     BarColumn,
@@ -21,20 +20,19 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from cd2p.cli._common import console, parse_shard, user_errors
+from cd2p.cli._common import (
+    EXISTING_DIR,
+    EXISTING_FILE,
+    console,
+    parse_shard,
+    resolve_device,
+    user_errors,
+)
 
 
 class _RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         return Text(f"{task.speed or 0:.1f} images/s")
-
-
-def _device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
-    return torch.device(choice)
 
 
 def _random_warning(seed: int) -> Panel:
@@ -48,9 +46,7 @@ def _random_warning(seed: int) -> Panel:
 
 
 @click.command("teacher")
-@click.argument(
-    "pairs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
-)
+@click.argument("pairs", nargs=-1, required=True, type=EXISTING_DIR)
 @click.option(
     "--target",
     type=click.Choice(["prefix", "clip"]),
@@ -60,12 +56,12 @@ def _random_warning(seed: int) -> Panel:
 )
 @click.option(
     "--clip-weights",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=EXISTING_FILE,
     help="Local open_clip ViT-B-32-quickgelu checkpoint instead of the 'openai' download.",
 )
 @click.option(
     "--clipcap-weights",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=EXISTING_FILE,
     help="Local ClipCap conceptual_weights.pt (or .safetensors) instead of the Hub download.",
 )
 @click.option(
@@ -113,7 +109,7 @@ def teacher(
         raise click.UsageError("--random-teacher takes no --clip-weights/--clipcap-weights")
     shard_range = parse_shard(shard)
     model_name = model_name or DEFAULT_MODEL_NAME  # open_clip is imported only when running
-    torch_device = _device(device)
+    torch_device = resolve_device(device)
     if workers is None:
         workers = min(8, max((os.cpu_count() or 1) - 1, 0)) if torch_device.type == "cuda" else 0
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
-from rich.table import Table
 
-from cd2p.cli._common import console, user_errors
+from cd2p.cli._common import (
+    EXISTING_DIR,
+    console,
+    is_main_process,
+    key_value_table,
+    overrides_option,
+    resume_option,
+    resumed_run_dir,
+    run_out_option,
+    user_errors,
+)
 
 
 @click.command()
@@ -22,23 +30,13 @@ from cd2p.cli._common import console, user_errors
     "--data",
     "data",
     multiple=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    type=EXISTING_DIR,
     help="Prepared pairs (`cd2p prepare scannet` OUT, with `cd2p prepare teacher` targets); "
     "repeat for several parts.",
 )
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="New run directory.")
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="SECTION.KEY=VALUE",
-    help="Override a recipe value, e.g. --set schedule.epochs=10 (repeatable).",
-)
-@click.option(
-    "--resume",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Continue the run in this directory from its latest checkpoint.",
-)
+@run_out_option
+@overrides_option()
+@resume_option
 @click.option(
     "--no-progress", is_flag=True, help="No progress bar (logs still go to metrics.jsonl)."
 )
@@ -68,9 +66,7 @@ def pretrain(
             raise click.UsageError(
                 "--resume continues with the run's saved recipe: drop --recipe/--set"
             )
-        if out is not None and out.resolve() != resume.resolve():
-            raise click.UsageError("--out and --resume name different directories")
-        recipe, name, out = None, None, resume
+        recipe, name, out = None, None, resumed_run_dir(out, resume)
     else:
         if out is None or not data:
             raise click.UsageError("a new run needs --data PAIRS and --out RUN (or --resume RUN)")
@@ -84,11 +80,9 @@ def pretrain(
         progress=not no_progress,
         recipe_name=name,
     )
-    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 prints under torchrun
+    if is_main_process():
         run = result.run
-        table = Table(title=f"cd2p pretrain: {out}", show_header=False)
-        table.add_column(style="bold cyan")
-        table.add_column()
+        table = key_value_table(f"cd2p pretrain: {out}")
         table.add_row("steps", f"{run.step} / {run.total_steps} ({run.epoch} epochs)")
         table.add_row("pairs", str(result.pairs))
         if run.final_loss is not None:

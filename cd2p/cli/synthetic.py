@@ -8,7 +8,7 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cd2p.cli._common import console, user_errors
+from cd2p.cli._common import OUTPUT_DIR, console, user_errors
 
 
 def parse_size(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, int]:
@@ -36,7 +36,7 @@ def synthetic() -> None:
 
 
 @synthetic.command("scannet")
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=OUTPUT_DIR)
 @click.option("--scenes", default=3, show_default=True, type=click.IntRange(min=1),
               help="Number of rooms (scene0000_00, ...).")  # fmt: skip
 @click.option("--frames", default=60, show_default=True, type=click.IntRange(min=1),

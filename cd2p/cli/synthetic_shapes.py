@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from cd2p.cli._common import console, user_errors
+from cd2p.cli._common import OUTPUT_DIR, console, user_errors
 
 
 @click.command("modelnet40")
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=OUTPUT_DIR)
 @click.option(
     "--classes",
     "num_classes",
@@ -55,7 +55,7 @@ def modelnet40(
 
 
 @click.command("shapenetpart")
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=OUTPUT_DIR)
 @click.option("--train-per-category", default=40, show_default=True, type=click.IntRange(min=1))
 @click.option("--val-per-category", default=5, show_default=True, type=click.IntRange(min=0))
 @click.option("--test-per-category", default=10, show_default=True, type=click.IntRange(min=1))

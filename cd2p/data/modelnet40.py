@@ -30,9 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +41,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from cd2p._atomic import atomic_directory, atomic_write_text
 from cd2p.ops import farthest_point_sample
 
 CACHE_FORMAT = "cd2p-classification"
@@ -77,20 +75,6 @@ def progress_bar(enabled: bool = True) -> Progress:
     )
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 @contextmanager
 def staged_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it to ``out`` when complete.
@@ -103,20 +87,8 @@ def staged_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
         raise FileExistsError(
             f"{out} already exists and is not empty; pass --overwrite to replace it"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def normalize_unit_sphere(points: np.ndarray) -> np.ndarray:
@@ -224,7 +196,7 @@ def write_modelnet40(
     """
     root = Path(root)
     counters = dict.fromkeys(class_names, 0)
-    write_text_atomic(root / SHAPE_NAMES_FILE, "".join(f"{n}\n" for n in class_names))
+    atomic_write_text(root / SHAPE_NAMES_FILE, "".join(f"{n}\n" for n in class_names))
     all_ids = []
     for split in MODELNET_SPLITS:
         ids = []
@@ -237,11 +209,11 @@ def write_modelnet40(
             counters[cls] += 1
             shape_id = f"{cls}_{counters[cls]:04d}"
             rows = "\n".join(",".join(f"{v:.6f}" for v in row) for row in points)
-            write_text_atomic(root / cls / f"{shape_id}.txt", rows + "\n")
+            atomic_write_text(root / cls / f"{shape_id}.txt", rows + "\n")
             ids.append(shape_id)
-        write_text_atomic(root / SPLIT_FILE.format(split=split), "".join(f"{i}\n" for i in ids))
+        atomic_write_text(root / SPLIT_FILE.format(split=split), "".join(f"{i}\n" for i in ids))
         all_ids += ids
-    write_text_atomic(
+    atomic_write_text(
         root / "filelist.txt", "".join(f"{class_of_shape(i)}/{i}.txt\n" for i in all_ids)
     )
     return root
@@ -303,7 +275,7 @@ def save_classification_cache(
             "points_per_shape": int(points.shape[1]),
             "shape_ids": list(ids),
         }
-    write_text_atomic(out / META_FILE, json.dumps(meta, indent=1))
+    atomic_write_text(out / META_FILE, json.dumps(meta, indent=1))
 
 
 def read_cache_meta(path: str | Path, expected_format: str) -> dict:

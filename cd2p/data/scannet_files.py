@@ -13,12 +13,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from cd2p._atomic import atomic_write_bytes
 
 # Columns of ScanNet's scannetv2-labels.combined.tsv, in ScanNet's order.
 LABEL_TABLE_COLUMNS = (
@@ -61,17 +62,6 @@ def scene_files(scans_root: str | Path, scene_id: str) -> dict[str, Path]:
         "aggregation": scene_dir / f"{scene_id}.aggregation.json",
         "meta": scene_dir / f"{scene_id}.txt",
     }
-
-
-def _write_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary name next to ``path``, then rename onto it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- meshes (.ply)
@@ -129,7 +119,7 @@ def write_mesh_ply(
     lines += [f"property {type_names[t]} {n}" for n, t in fields]
     lines += [f"element face {len(face)}", "property list uchar int vertex_indices", "end_header"]
     header = ("\n".join(lines) + "\n").encode("ascii")
-    _write_atomic(path, header + vertex.tobytes() + face.tobytes())
+    atomic_write_bytes(path, header + vertex.tobytes() + face.tobytes())
 
 
 def read_mesh_ply(path: str | Path) -> PlyMesh:
@@ -218,7 +208,7 @@ def write_segs(path: str | Path, scene_id: str, seg_indices: Sequence[int] | np.
         "sceneId": scene_id,
         "segIndices": [int(s) for s in np.asarray(seg_indices).reshape(-1)],
     }  # fmt: skip
-    _write_atomic(path, json.dumps(payload).encode())
+    atomic_write_bytes(path, json.dumps(payload).encode())
 
 
 def read_segs(path: str | Path) -> np.ndarray:
@@ -243,7 +233,7 @@ def write_aggregation(
         ],
         "segmentsFile": f"scannet.{segs_file}",
     }  # fmt: skip
-    _write_atomic(path, json.dumps(payload, indent=1).encode())
+    atomic_write_bytes(path, json.dumps(payload, indent=1).encode())
 
 
 def read_aggregation(path: str | Path) -> list[SegGroup]:
@@ -297,7 +287,7 @@ def write_scene_meta(path: str | Path, meta: Mapping[str, object]) -> None:
         elif isinstance(value, float | np.floating):
             value = f"{float(value):.6f}"
         lines.append(f"{key} = {value}")
-    _write_atomic(path, ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def read_scene_meta(path: str | Path) -> dict[str, str]:
@@ -331,7 +321,7 @@ def axis_alignment(meta: Mapping[str, str], source: str = "<scene>.txt") -> np.n
 
 def write_split(path: str | Path, scene_ids: Iterable[str]) -> None:
     """A split list (``scannetv2_train.txt``...): one scene id per line."""
-    _write_atomic(path, "".join(f"{s}\n" for s in scene_ids).encode())
+    atomic_write_bytes(path, "".join(f"{s}\n" for s in scene_ids).encode())
 
 
 def read_split(path: str | Path) -> list[str]:
@@ -348,7 +338,7 @@ def write_label_table(path: str | Path, rows: Iterable[Mapping[str, object]]) ->
     writer.writeheader()
     for row in rows:
         writer.writerow(row)
-    _write_atomic(path, buffer.getvalue().encode())
+    atomic_write_bytes(path, buffer.getvalue().encode())
 
 
 def read_label_table(path: str | Path) -> list[dict[str, str]]:

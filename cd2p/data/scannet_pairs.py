@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from cd2p._atomic import atomic_write_json
 from cd2p.data.scannet_files import axis_alignment, read_scene_meta
 
 FORMAT_VERSION = 1
@@ -526,12 +527,6 @@ def report_name(shard: tuple[int, int]) -> str:
     return "prepare_report.json" if count == 1 else f"prepare_report.shard-{index}-of-{count}.json"
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _check_config(out: Path, settings: PrepareSettings) -> None:
     """A resumed run must produce the same pairs as the first one: same settings."""
     path = out / CONFIG_FILE
@@ -549,7 +544,7 @@ def _check_config(out: Path, settings: PrepareSettings) -> None:
                 "or the original settings to resume"
             )
     else:
-        _write_json_atomic(path, wanted)
+        atomic_write_json(path, wanted)
 
 
 def _summarise(stats: list[dict[str, Any]], settings: PrepareSettings, *, root: Path, out: Path,
@@ -674,7 +669,7 @@ def prepare_scannet(
         report = _summarise(stats, settings, root=root, out=out, scenes=scenes, split=split,
                             scenes_file=scenes_file, shard=shard, workers=workers,
                             seconds=time.perf_counter() - start, interrupted=interrupted)
-        _write_json_atomic(out / report_name(shard), report)
+        atomic_write_json(out / report_name(shard), report)
     return report
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cd2p._atomic import atomic_output
 from cd2p.data.modelnet40 import (
     fps_order,
     progress_bar,
@@ -102,17 +103,14 @@ def write_scanobjectnn_h5(
     import h5py
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     points = np.asarray(points, dtype=np.float32)
     if mask is None:
         mask = np.zeros(points.shape[:2], dtype=np.int64)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with h5py.File(tmp, "w") as f:
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("data", data=points)
         # The release stores labels as a column of integers and the mask per point.
         f.create_dataset("label", data=np.asarray(labels, dtype=np.int64))
         f.create_dataset("mask", data=np.asarray(mask, dtype=np.int64))
-    tmp.replace(path)
     return path
 
 

@@ -24,13 +24,14 @@ import os
 import struct
 import zlib
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from cd2p._atomic import atomic_output
 
 SENS_VERSION = 4
 
@@ -431,17 +432,6 @@ class SensReader:
 # --------------------------------------------------------------------------- writer
 
 
-@contextmanager
-def _atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` on success only."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_sens(
     path: str | Path,
     header: SensHeader,
@@ -467,7 +457,7 @@ def write_sens(
         header.extrinsic_depth,
     ]
     body_fixed = np.concatenate([np.asarray(m, np.float32).reshape(16) for m in matrices])
-    with _atomic_output(path) as tmp, open(tmp, "wb") as out:
+    with atomic_output(path) as tmp, open(tmp, "wb") as out:
         out.write(_PREFIX.pack(SENS_VERSION, len(name)) + name)
         count_offset = out.tell() + _BODY.size - _COUNT.size
         out.write(

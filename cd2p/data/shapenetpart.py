@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from cd2p._atomic import atomic_write_text
 from cd2p.data.modelnet40 import (
     META_FILE,
     dataset_source,
@@ -43,7 +44,6 @@ from cd2p.data.modelnet40 import (
     read_lines,
     read_shape_txt,
     staged_directory,
-    write_text_atomic,
 )
 
 CACHE_FORMAT = "cd2p-partseg"
@@ -151,7 +151,7 @@ def write_shapenetpart(
             "test": ...}``.
     """
     root = Path(root)
-    write_text_atomic(root / CATEGORY_FILE, "".join(f"{n}\t{s}\n" for n, s in categories))
+    atomic_write_text(root / CATEGORY_FILE, "".join(f"{n}\t{s}\n" for n, s in categories))
     synsets = {s for _, s in categories}
     for split in SPLITS:
         entries = []
@@ -165,9 +165,9 @@ def write_shapenetpart(
                 " ".join(f"{v:.6f}" for v in row) + f" {float(p):.6f}"
                 for row, p in zip(points, parts, strict=True)
             )
-            write_text_atomic(root / synset / f"{shape_id}.txt", rows + "\n")
+            atomic_write_text(root / synset / f"{shape_id}.txt", rows + "\n")
             entries.append(f"shape_data/{synset}/{shape_id}")
-        write_text_atomic(root / SPLIT_JSON.format(split=split), json.dumps(entries))
+        atomic_write_text(root / SPLIT_JSON.format(split=split), json.dumps(entries))
     return root
 
 
@@ -265,7 +265,7 @@ def prepare_shapenetpart(
             "category_parts": category_parts,
             "splits": meta_splits,
         }
-        write_text_atomic(tmp / META_FILE, json.dumps(meta, indent=1))
+        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1))
     return out
 
 

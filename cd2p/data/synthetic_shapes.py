@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import trimesh.creation as tc
 
-from cd2p.data.modelnet40 import SYNTHETIC_MARKER, progress_bar, write_modelnet40, write_text_atomic
+from cd2p._atomic import atomic_write_text
+from cd2p.data.modelnet40 import SYNTHETIC_MARKER, progress_bar, write_modelnet40
 from cd2p.data.shapenetpart import STANDARD_PARTS, STANDARD_SYNSETS, write_shapenetpart
 
 Mesh = tuple[np.ndarray, np.ndarray]  # vertices (V, 3) float64, faces (F, 3) int64
@@ -207,7 +208,7 @@ def synthetic_modelnet40(
     write_modelnet40(out, names, splits)
     # Marks the folder as synthetic, so that caches and model cards never call it ModelNet40.
     marker = {"generator": "synthetic_modelnet40", "seed": seed, "classes": names}
-    write_text_atomic(Path(out) / SYNTHETIC_MARKER, json.dumps(marker))
+    atomic_write_text(Path(out) / SYNTHETIC_MARKER, json.dumps(marker))
     return Path(out)
 
 
@@ -365,7 +366,7 @@ def synthetic_shapenetpart(
                     bar.advance(task)
     write_shapenetpart(out, [(c, STANDARD_SYNSETS[c]) for c in categories], splits)
     marker = {"generator": "synthetic_shapenetpart", "seed": seed, "categories": list(categories)}
-    write_text_atomic(Path(out) / SYNTHETIC_MARKER, json.dumps(marker))
+    atomic_write_text(Path(out) / SYNTHETIC_MARKER, json.dumps(marker))
     return Path(out)
 
 

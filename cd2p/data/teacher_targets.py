@@ -9,7 +9,7 @@ pairs contract)::
         "targets": float16 (N, T, C) in the scene dataset's row order
                    ((10, 768) for target "prefix", (1, 512) for "clip")
         metadata:  {"teacher": <description>, "random_teacher": "true" | "false"}
-    PAIRS/targets/<target>/.<scene_id>.<random>.tmp   a file being written (renamed when complete)
+    PAIRS/targets/<target>/.<scene_id>.safetensors.<random>.tmp   being written (then renamed)
 
 A scene counts as done when its targets file opens, holds ``N`` rows of the right shape and
 was written by the same kind of teacher; anything else (no file, a stale temporary, a
@@ -23,8 +23,6 @@ wrong. Two real teachers whose descriptions differ only name their weight files 
 from __future__ import annotations
 
 import bisect
-import os
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cd2p._atomic import atomic_output
 from cd2p.data.pairs import scene_dirs, target_file
 from cd2p.models.teacher import Teacher, clip_transform, decode_image
 
@@ -70,15 +69,8 @@ def write_targets(path: str | Path, targets: torch.Tensor, metadata: dict[str, s
     if not torch.isfinite(half).all():
         # fp16 overflows above 65504; a real CLIP/ClipCap target never comes close.
         raise ValueError(f"non-finite teacher targets for {path} (float16 overflow or NaN input)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique hidden name (not mkstemp: its 0600 mode would stick to the final file).
-    tmp = path.parent / f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    try:
+    with atomic_output(path) as tmp:
         save_file({TENSOR_NAME: half}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _remove_stale_temporaries(path: Path) -> None:

@@ -20,10 +20,8 @@ Nothing is pickled: loading uses ``safetensors`` and ``json`` only.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from cd2p._atomic import atomic_directory, atomic_write_text
 from cd2p.config import Recipe, save_recipe
 
 CHECKPOINTS = "checkpoints"
@@ -148,8 +147,8 @@ def save_checkpoint(
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    try:
+    # Re-saving a step (a resumed run ending where it was stopped) replaces it once complete.
+    with atomic_directory(root / name) as tmp:
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         opt_tensors, opt_rest = flatten_optimizer_state(optimizer.state_dict())
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -171,30 +170,12 @@ def save_checkpoint(
             },
         )
         save_recipe(recipe, tmp / "recipe.yaml")
-        final = root / name
-        if final.exists():  # re-saving a step (a resumed run ending where it was stopped)
-            stale = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=root))
-            os.replace(final, stale / name)
-            os.replace(tmp, final)
-            shutil.rmtree(stale)
-        else:
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    _write_latest(root, name)
+    atomic_write_text(root / LATEST, name + "\n")
     if keep is not None:
         for old in sorted(root.glob("step-*"))[:-keep]:
             if old.name != name:
                 shutil.rmtree(old)
     return root / name
-
-
-def _write_latest(root: Path, name: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".latest.", dir=root)
-    with os.fdopen(fd, "w") as f:
-        f.write(name + "\n")
-    os.replace(tmp, root / LATEST)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -7,7 +7,8 @@ scratch), trains it on a prepared dataset (``cd2p prepare modelnet40|scanobjectn
 shapenetpart``), evaluates it on ``finetune.val_split`` every ``run.eval_every`` epochs,
 exports the best model (by OA / instance mIoU) and finally evaluates that model with voting.
 ``run_linear_probe`` instead freezes the backbone and fits a linear classifier on its pooled
-features. ``evaluate`` is what ``cd2p evaluate`` runs on any saved model.
+features. With ``finetune.few_shot: K`` either one trains on only K shapes per class
+(:func:`few_shot_subset`). ``evaluate`` is what ``cd2p evaluate`` runs on any saved model.
 
 Run directory::
 
@@ -27,9 +28,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from cd2p._atomic import atomic_directory, atomic_output, atomic_write_json
 from cd2p.config import Recipe, load_recipe
 from cd2p.data.modelnet40 import (
     CACHE_FORMAT as CLASSIFICATION_FORMAT,
@@ -99,6 +98,39 @@ def task_dataset(task: str, data: Any, num_points: int, seed: int = 0) -> Datase
     if task == "classification":
         return PointClassificationDataset(data, num_points)
     return PartSegDataset(data, num_points, seed)
+
+
+def few_shot_subset(
+    data: ClassificationSplit, shots: int, seed: int = 0, where: str = "the training split"
+) -> ClassificationSplit:
+    """``shots`` shapes of every class of ``data`` (``K * C`` shapes), drawn without replacement.
+
+    The draw is a pure function of ``seed``: one random order of each class's shapes, of which
+    the first ``shots`` are kept, so a run and its resumption train on the same shapes and the
+    ``K``-shot subset is contained in the ``K + 1``-shot one. Shapes keep their order in
+    ``data``. A class with fewer than ``shots`` shapes is an error naming it (``where`` says
+    which data it is).
+    """
+    if shots < 1:
+        raise ValueError(f"few-shot needs at least 1 shape per class, got {shots}")
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c, name in enumerate(data.class_names):
+        members = (data.labels == c).nonzero().flatten()
+        if len(members) < shots:
+            raise ValueError(
+                f"{where}: class {name!r} has {len(members)} shapes, fewer than the {shots} "
+                "per class asked for by few-shot"
+            )
+        keep.append(members[torch.randperm(len(members), generator=g)[:shots]])
+    index = torch.cat(keep).sort().values
+    return ClassificationSplit(
+        points=data.points[index],
+        labels=data.labels[index],
+        shape_ids=[data.shape_ids[i] for i in index.tolist()],
+        class_names=list(data.class_names),
+        source=data.source,
+    )
 
 
 def subsample_views(
@@ -511,29 +543,10 @@ class FinetuneResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
 def export_model(model: nn.Module, out_dir: Path, **card: Any) -> Path:
     """Save a CPU copy of ``model`` as a Hub-format directory, atomically (temp dir + rename)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         copy.deepcopy(model).cpu().save_pretrained(tmp, model_card_kwargs=card)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "old")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir
 
 
@@ -602,6 +615,8 @@ def run_finetune(
         raise ValueError("run_finetune needs a recipe and a prepared dataset")
     if recipe.task != task:
         raise ValueError(f"the recipe is for task {recipe.task!r}, not {task!r}")
+    if recipe.finetune.few_shot is not None and task != "classification":
+        raise ValueError("few-shot (finetune.few_shot: K shapes per class) is for classification")
     if recipe.finetune.linear_probe:
         return run_linear_probe(recipe, data, init, out, recipe_name=recipe_name, console=console)
     data = Path(data).resolve()
@@ -611,6 +626,9 @@ def run_finetune(
     cfg = recipe.finetune
     train_data = load_task_split(task, data, cfg.train_split)
     val_data = load_task_split(task, data, cfg.val_split)
+    if cfg.few_shot is not None:
+        where = f"{data} ({cfg.train_split})"
+        train_data = few_shot_subset(train_data, cfg.few_shot, recipe.run.seed, where)
 
     backbone = load_backbone(init) if init is not None else None
     notes: list[str] = []
@@ -639,6 +657,10 @@ def run_finetune(
         "training data": f"{data} ({cfg.train_split}: {len(train_data)} shapes)",
         "model selection": f"best {metric} on {cfg.val_split} ({len(val_data)} shapes)",
     }
+    if cfg.few_shot is not None:
+        training_card["few-shot"] = (
+            f"{cfg.few_shot} training shapes per class, drawn with seed {recipe.run.seed}"
+        )
     model_dir = out / MODEL_DIR
 
     def evaluate_val(module: nn.Module) -> dict[str, float]:
@@ -658,7 +680,7 @@ def run_finetune(
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(
+        atomic_write_json(
             out / RUN_INFO,
             {
                 "task": task,
@@ -667,6 +689,7 @@ def run_finetune(
                 "recipe_name": recipe_name,
                 "train_shapes": len(train_data),
                 "val_shapes": len(val_data),
+                "few_shot": cfg.few_shot,
                 "notes": notes,
             },
         )
@@ -706,9 +729,16 @@ def run_finetune(
             dataset=dataset_card,
             base_model=_hub_base_model(str(init) if init else None),
         )
-        _write_json(
+        atomic_write_json(
             out / FINAL_METRICS,
-            {**report.to_json(), "split": cfg.val_split, "best_step": best_step, "data": str(data)},
+            {
+                **report.to_json(),
+                "split": cfg.val_split,
+                "best_step": best_step,
+                "data": str(data),
+                "few_shot": cfg.few_shot,
+                "train_shapes": len(train_data),
+            },
         )
     D.barrier()
     return FinetuneResult(
@@ -814,6 +844,8 @@ def run_linear_probe(
     cfg = recipe.finetune
     train = load_classification_cache(data, cfg.train_split)
     val = load_classification_cache(data, cfg.val_split)
+    if cfg.few_shot is not None:
+        train = few_shot_subset(train, cfg.few_shot, recipe.run.seed, f"{data} ({cfg.train_split})")
     if init is not None:
         backbone = load_backbone(init)
     else:
@@ -838,11 +870,9 @@ def run_linear_probe(
     out.mkdir(parents=True, exist_ok=True)
     probe = out / PROBE_DIR
     probe.mkdir(exist_ok=True)
-    save_file(
-        {"weight": w.contiguous(), "bias": b, "mean": mean, "std": std},
-        str(probe / "classifier.safetensors"),
-    )
-    _write_json(
+    with atomic_output(probe / "classifier.safetensors") as tmp:
+        save_file({"weight": w.contiguous(), "bias": b, "mean": mean, "std": std}, str(tmp))
+    atomic_write_json(
         probe / "probe.json",
         {
             "init": str(init) if init is not None else None,
@@ -851,9 +881,11 @@ def run_linear_probe(
             "class_names": train.class_names,
             "num_points": n,
             "features": "max+mean of tokens",
+            "few_shot": cfg.few_shot,
+            "train_shapes": len(train),
         },
     )
-    _write_json(
+    atomic_write_json(
         out / FINAL_METRICS,
         {
             "task": "linear-probe",
@@ -861,13 +893,15 @@ def run_linear_probe(
             "l2": l2,
             "split": cfg.val_split,
             "data": str(data),
+            "few_shot": cfg.few_shot,
+            "train_shapes": len(train),
             "confusion_matrix": conf.tolist(),
         },
     )
     from cd2p.config import save_recipe
 
     save_recipe(recipe, out / "recipe.yaml")
-    _write_json(
+    atomic_write_json(
         out / RUN_INFO,
         {
             "task": "linear-probe",
@@ -886,6 +920,7 @@ __all__ = [
     "build_task_model",
     "classification_logits",
     "evaluate",
+    "few_shot_subset",
     "fit_linear_classifier",
     "load_backbone",
     "load_task_split",

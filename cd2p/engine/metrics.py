@@ -12,12 +12,13 @@ the prediction and the ground truth; a shape's IoU is the mean over its category
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from cd2p.engine.metrics_log import save_figure
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -196,12 +197,7 @@ def plot_confusion_matrix(
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of the true class")
     ax.set_title(title or "confusion matrix")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 __all__ = [

@@ -9,11 +9,11 @@ components ``loss_*``, ``lr``, ``grad_norm``, ``samples_per_s``, ``data_fraction
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from cd2p._atomic import atomic_output, atomic_write_text
 
 METRICS = "metrics.jsonl"
 _SPARK = "▁▂▃▄▅▆▇█"
@@ -64,10 +64,7 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step and r.get("kind") != "final"]
-    fd, tmp = tempfile.mkstemp(prefix=f".{METRICS}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def sparkline(values: Sequence[float], width: int = 40) -> str:
@@ -138,14 +135,16 @@ def plot_metrics(
     axes[-1].set_xlabel("optimiser step")
     fig.suptitle(title or f"cd2p run {run_dir.resolve().name}")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".png", dir=out.parent)
-    os.close(fd)
+    return save_figure(fig, out, dpi=110)
+
+
+def save_figure(fig: Any, path: Path, dpi: int) -> Path:
+    """Write a matplotlib figure to ``path`` as PNG atomically, then close it (even on error)."""
+    import matplotlib.pyplot as plt
+
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
+        with atomic_output(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return path

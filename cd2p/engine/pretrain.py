@@ -17,9 +17,6 @@ Run directory::
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +26,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from cd2p._atomic import atomic_directory, atomic_write_json
 from cd2p.config import Recipe, load_recipe
 from cd2p.engine import distributed as D
 from cd2p.engine.augment import random_subsample, scale_and_translate
@@ -193,25 +191,11 @@ def _build_teacher(recipe: Recipe, device: torch.device) -> nn.Module:
     )
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
 def export_backbone(model: nn.Module, out_dir: Path, training: dict[str, Any]) -> Path:
     """Save the student as ``out_dir`` (a Hub-format ``Cd2pBackbone``) atomically."""
     backbone = model.export_backbone()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         backbone.save_pretrained(tmp, model_card_kwargs={"training": training})
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir
 
 
@@ -297,7 +281,7 @@ def run_pretrain(
         )
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(
+        atomic_write_json(
             info_path,
             {
                 "recipe_name": recipe_name,
@@ -337,7 +321,7 @@ def run_pretrain(
             "random teacher": "yes (NOT CLIP: a pipeline test)" if teacher_random else "no",
         }
         backbone_dir = export_backbone(model, out_dir / BACKBONE_DIR, training)
-        _write_json(
+        atomic_write_json(
             out_dir / SUMMARY,
             {
                 "recipe_name": recipe_name,

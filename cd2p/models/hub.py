@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from huggingface_hub import (
 from safetensors import safe_open
 from safetensors.torch import save_model
 
+from cd2p._atomic import atomic_output, atomic_write_json
 from cd2p._resources import hubcard_path
 
 WEIGHTS_NAME = "model.safetensors"
@@ -80,19 +79,12 @@ class Cd2pHubMixin(PyTorchModelHubMixin):
     # -- saving -----------------------------------------------------------------------------
     def _save_pretrained(self, save_directory: Path) -> None:
         # Written under a temporary name and renamed, so a crash never leaves half a file.
-        target = Path(save_directory) / WEIGHTS_NAME
-        fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=save_directory)
-        os.close(fd)
-        try:
-            save_model(self, tmp, metadata={"format": "pt", "cd2p_model_kind": self.model_kind})
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_output(Path(save_directory) / WEIGHTS_NAME) as tmp:
+            meta = {"format": "pt", "cd2p_model_kind": self.model_kind}
+            save_model(self, str(tmp), metadata=meta)
         config = dict(self._hub_mixin_config or {})
         config["model_kind"] = self.model_kind
-        text = json.dumps(config, sort_keys=True, indent=2)
-        (Path(save_directory) / CONFIG_NAME).write_text(text)
+        atomic_write_json(Path(save_directory) / CONFIG_NAME, config, sort_keys=True)
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any):  # noqa: D102
         kwargs.setdefault("model_card_kwargs", {})

@@ -1,0 +1,127 @@
+"""Atomic writes: build an output under a temporary name, then rename it into place.
+
+Every file and directory cd2p produces goes through these helpers, so an interrupted run never
+leaves half an output under its final name: a reader sees the old version or the new one.
+
+- :func:`atomic_write_text`, :func:`atomic_write_bytes`, :func:`atomic_write_json`: whole
+  contents already in memory.
+- :func:`atomic_output`: a writer that needs a file *name* (safetensors ``save_file``,
+  matplotlib ``savefig``, ``h5py``...).
+- :func:`atomic_directory`: a whole directory (a Hub model, a checkpoint, a data set).
+
+Temporaries are hidden siblings of the target, ``.<name>.<pid>-<random>.tmp[suffix]``: the same
+directory means the same file system, where ``os.replace`` is an atomic rename. Unlike
+``tempfile.mkstemp`` / ``mkdtemp`` (modes 0600 / 0700, which the rename would carry over to the
+final output), they are created with the default modes 0666 / 0777 minus the umask, so the
+result has the permissions a plain ``open()`` / ``mkdir()`` would give. There is no ``fsync``:
+the guarantee is against a killed process, not a power cut.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def _create_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _create_dir(path: Path) -> None:
+    os.mkdir(path, 0o777)
+
+
+def _fresh_sibling(path: Path, suffix: str, create: Callable[[Path], None]) -> Path:
+    """Create and return a new hidden sibling of ``path`` (exclusive: never an existing one)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix}"
+        try:
+            create(tmp)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"could not create a temporary name next to {path}")
+
+
+@contextmanager
+def atomic_output(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary file path next to ``path``; it is renamed onto ``path`` when the block
+    completes and removed if it raises (an existing ``path`` is then left untouched).
+
+    ``suffix`` ends the temporary name, for writers that infer the format from it
+    (``atomic_output("plot.png", suffix=".png")`` for ``savefig``). The file already exists
+    (empty) when yielded; writers that open it with ``"w"`` simply overwrite it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _fresh_sibling(path, suffix, _create_file)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # still there only when the block failed
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (parent directories are created)."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
+    """Write ``text`` to ``path`` atomically (parent directories are created)."""
+    atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(
+    path: str | Path, data: Any, *, indent: int | None = 2, sort_keys: bool = False
+) -> None:
+    """Write ``data`` as JSON (and a final newline) to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a new empty directory next to ``path``, renamed to ``path`` when the block completes
+    and deleted if it raises.
+
+    An existing ``path`` is replaced, but only once the new directory is complete: it is moved
+    aside, the new one renamed in, and then the old one deleted (put back if the rename fails).
+    Callers that must not replace a non-empty ``path`` check that before entering.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _fresh_sibling(path, "", _create_dir)
+    try:
+        yield tmp
+        if not (path.exists() or path.is_symlink()):
+            os.replace(tmp, path)
+            return
+        trash = _fresh_sibling(path, ".old", _create_dir)
+        try:
+            os.replace(path, trash / "old")
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(trash / "old", path)
+                raise
+        finally:
+            shutil.rmtree(trash)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+__all__ = [
+    "atomic_directory",
+    "atomic_output",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+]
