@@ -151,7 +151,7 @@ def test_resume_skips_done_scenes_and_redoes_incomplete_ones(pairs, tiny_model_n
     images["scene0002_00"] = write_scene(root, "scene0002_00", 2)
 
     plan = plan_teacher_targets(root, teacher)
-    assert [job.scene_id for job in plan.todo] == sorted(SCENES)
+    assert [job.scene_id for job in plan.to_compute] == sorted(SCENES)
     assert plan.done == [] and plan.images == 3 + 5 + 2
     resumed = prepare_teacher_targets(root, teacher, batch_size=4)
     assert resumed.scenes_done == sorted(SCENES)

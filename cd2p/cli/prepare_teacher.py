@@ -131,7 +131,7 @@ def teacher(
         f"{torch_device}   [bold]batch[/] {batch_size}   [bold]workers[/] {workers}"
     )
     console.print(
-        f"[bold]scenes[/]   {len(plan.todo)} to compute ({plan.images} images), "
+        f"[bold]scenes[/]   {len(plan.to_compute)} to compute ({plan.images} images), "
         f"{len(plan.done)} already done"
     )
 

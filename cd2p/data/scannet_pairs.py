@@ -645,21 +645,21 @@ def prepare_scannet(
     _check_config(out, settings)
 
     stats: list[dict[str, Any]] = []
-    todo = []
+    remaining = []
     for scene_id in scenes:
         if (scenes_dir / scene_id).is_dir():
             done = load_scene_stats(scenes_dir / scene_id)
             done["status"] = "resumed"
             stats.append(done)
         else:
-            todo.append(scene_id)
+            remaining.append(scene_id)
 
     start = time.perf_counter()
     interrupted = True
     bar = _Progress(len(scenes), len(stats), enabled=progress)
     try:
         with bar:
-            for result in _run_scenes(root, todo, scenes_dir, settings, workers):
+            for result in _run_scenes(root, remaining, scenes_dir, settings, workers):
                 stats.append(result)
                 bar.advance(result)
                 if on_scene_done is not None:

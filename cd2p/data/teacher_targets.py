@@ -106,13 +106,13 @@ class TargetsPlan:
     target: str
     teacher: str
     random_teacher: bool
-    todo: list[SceneJob] = field(default_factory=list)
+    to_compute: list[SceneJob] = field(default_factory=list)
     done: list[SceneJob] = field(default_factory=list)
 
     @property
     def images(self) -> int:
         """Images still to run through the teacher."""
-        return sum(job.rows for job in self.todo)
+        return sum(job.rows for job in self.to_compute)
 
 
 @dataclass
@@ -167,7 +167,7 @@ def plan_teacher_targets(
                 "one pre-training set must not mix teachers: pass --overwrite to recompute "
                 f"all of {job.out.parent}, or use another PAIRS copy"
             )
-        (plan.done if complete and not overwrite else plan.todo).append(job)
+        (plan.done if complete and not overwrite else plan.to_compute).append(job)
     return plan
 
 
@@ -222,7 +222,7 @@ def write_teacher_targets(
     workers: int = 0,
     on_images: Callable[[int], None] | None = None,
 ) -> TargetsSummary:
-    """Run ``teacher`` over every image of ``plan.todo`` and write one targets file per scene.
+    """Run ``teacher`` over every image of ``plan.to_compute`` and write one targets file per scene.
 
     Batches run on the teacher's device and cross scene boundaries (a scene of 3 pairs does
     not waste a batch); each scene's file is written as soon as its last row is computed.
@@ -235,7 +235,7 @@ def write_teacher_targets(
         raise ValueError("the plan was made for another teacher")
     start = time.perf_counter()
     metadata = targets_metadata(teacher)
-    images = _PairImages(plan.todo, teacher.image_size)
+    images = _PairImages(plan.to_compute, teacher.image_size)
     loader = DataLoader(
         images,
         batch_size=batch_size,
@@ -243,7 +243,7 @@ def write_teacher_targets(
         num_workers=workers,
         pin_memory=teacher.device.type == "cuda",
     )
-    pending = list(plan.todo)  # scenes in loader order; the head one is being filled
+    pending = list(plan.to_compute)  # scenes in loader order; the head one is being filled
     for job in pending:
         _remove_stale_temporaries(job.out)
     filled: list[torch.Tensor] = []
@@ -272,7 +272,7 @@ def write_teacher_targets(
         target=teacher.target,
         teacher=teacher.description,
         random_teacher=teacher.is_random,
-        scenes_done=[job.scene_id for job in plan.todo],
+        scenes_done=[job.scene_id for job in plan.to_compute],
         scenes_skipped=[job.scene_id for job in plan.done],
         images=len(images),
         seconds=time.perf_counter() - start,
