@@ -1,28 +1,30 @@
-"""Hugging Face Hub integration shared by every cd2p model: strict loading and model cards."""
+"""Hugging Face Hub integration shared by every cd2p model: strict loading, ``config.json``
+with the model kind, and model cards (whose content lives in :mod:`cd2p.cards`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from huggingface_hub import (
-    EvalResult,
-    ModelCard,
-    ModelCardData,
-    PyTorchModelHubMixin,
-    hf_hub_download,
-)
+from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
 from safetensors import safe_open
 from safetensors.torch import save_model
 
 from cd2p._atomic import atomic_output, atomic_write_json
 from cd2p._resources import hubcard_path
+
+# The card logic moved to cd2p.cards; re-exported so that existing imports keep working.
+from cd2p.cards import (
+    KIND_TAGS,
+    KNOWN_DATASETS,
+    PAPER_RESULTS,
+    TASKS,
+    PaperResult,
+    card_context,
+    card_metadata,
+)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -159,257 +161,17 @@ class Cd2pHubMixin(PyTorchModelHubMixin):
         return model
 
 
-# -- model cards -----------------------------------------------------------------------------
-
-# What each kind is evaluated on, for the Hub's ``model-index`` (task type and default dataset).
-TASKS: dict[str, dict[str, str]] = {
-    "backbone": {"type": "feature-extraction", "name": "3D point-cloud pre-training"},
-    "pretrain": {"type": "feature-extraction", "name": "3D point-cloud pre-training"},
-    "classification": {"type": "point-cloud-classification", "name": "3D object classification"},
-    "partseg": {"type": "point-cloud-part-segmentation", "name": "3D part segmentation"},
-    "segmentation": {"type": "point-cloud-segmentation", "name": "3D semantic segmentation"},
-    "detection": {"type": "3d-object-detection", "name": "3D object detection"},
-}
-
-KIND_TAGS: dict[str, list[str]] = {
-    "backbone": ["feature-extraction", "self-supervised-learning"],
-    "pretrain": ["feature-extraction", "self-supervised-learning"],
-    "classification": ["point-cloud-classification"],
-    "partseg": ["part-segmentation"],
-    "segmentation": ["semantic-segmentation"],
-    "detection": ["3d-object-detection"],
-}
-
-# Benchmarks recognised in recipe / data names: slug -> (display name, Hub-style dataset id).
-KNOWN_DATASETS: dict[str, tuple[str, str]] = {
-    "modelnet40": ("ModelNet40", "modelnet40"),
-    "scanobjectnn": ("ScanObjectNN", "scanobjectnn"),
-    "shapenetpart": ("ShapeNetPart", "shapenetpart"),
-    "scannet": ("ScanNetV2", "scannet"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class PaperResult:
-    """One row of REFERENCE.md: a metric of the paper, its baselines, and the run metric names
-    (normalised, see :func:`_norm`) that measure the same thing."""
-
-    label: str
-    aliases: tuple[str, ...]
-    scratch: float | None
-    point_mae: float | None
-    paper: float
-    dataset_id: str  # the benchmark the numbers are on; a run's metric is shown only there
-
-
-_CLS = [
-    PaperResult("ModelNet40 OA, voting (%)",
-                ("oa_vote", "oa_voting", "overall_accuracy_vote", "overall_accuracy_voting",
-                 "accuracy_vote", "vote_oa", "vote_overall_accuracy"),
-                92.1, 92.5, 93.0, "modelnet40"),
-    PaperResult("ModelNet40 OA, no voting (%)",
-                ("oa", "overall_accuracy", "accuracy", "acc"), 92.38, 92.42, 92.71, "modelnet40"),
+__all__ = [
+    "CONFIG_NAME",
+    "KIND_TAGS",
+    "KNOWN_DATASETS",
+    "PAPER_RESULTS",
+    "TASKS",
+    "WEIGHTS_NAME",
+    "Cd2pHubMixin",
+    "PaperResult",
+    "StrictLoadError",
+    "card_context",
+    "card_metadata",
+    "load_state_dict_strict",
 ]
-_PARTSEG = [
-    PaperResult("ShapeNetPart instance mIoU (%)",
-                ("instance_miou", "ins_miou", "miou_instance", "instance_mean_iou"),
-                85.1, 85.9, 85.9, "shapenetpart"),
-]
-_SEG = [PaperResult("ScanNetV2 mIoU (%)", ("miou", "mean_iou"), 37.0, 45.4, 46.4, "scannet")]
-_DET = [
-    PaperResult("ScanNetV2 mAP@0.25 (%)", ("map_0_25", "map25", "map_25", "ap_0_25"),
-                61.1, 62.1, 63.4, "scannet"),
-    PaperResult("ScanNetV2 mAP@0.5 (%)", ("map_0_5", "map50", "map_50", "ap_0_5"),
-                40.2, 41.2, 42.2, "scannet"),
-]
-PAPER_RESULTS: dict[str, list[PaperResult]] = {
-    "backbone": _CLS + _PARTSEG + _SEG + _DET,
-    "pretrain": _CLS + _PARTSEG + _SEG + _DET,
-    "classification": _CLS,
-    "partseg": _PARTSEG,
-    "segmentation": _SEG,
-    "detection": _DET,
-}
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def _norm(name: str) -> str:
-    """``"mAP@0.25"`` -> ``"map_0_25"``: metric names compared case- and punctuation-free."""
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _recipe_dict(recipe: Any) -> dict[str, Any] | None:
-    if recipe is None:
-        return None
-    if dataclasses.is_dataclass(recipe) and not isinstance(recipe, type):
-        return dataclasses.asdict(recipe)
-    if isinstance(recipe, str):
-        loaded = yaml.safe_load(recipe)
-        return dict(loaded) if isinstance(loaded, Mapping) else None
-    if isinstance(recipe, Mapping):
-        return dict(recipe)
-    raise TypeError(f"recipe must be a dataclass, a mapping or YAML text, got {type(recipe)}")
-
-
-def _find_key(tree: Any, names: tuple[str, ...]) -> Any:
-    """First value of a key in ``names`` anywhere in a nested mapping (sections first-level)."""
-    if not isinstance(tree, Mapping):
-        return None
-    for name in names:
-        if tree.get(name) not in (None, ""):
-            return tree[name]
-    for value in tree.values():
-        found = _find_key(value, names)
-        if found not in (None, ""):
-            return found
-    return None
-
-
-def _dataset_info(dataset: Any, recipe: dict[str, Any] | None) -> dict[str, str] | None:
-    """``{"name", "id", "split"}`` of the evaluation data, from an explicit value or the recipe."""
-    if isinstance(dataset, Mapping):
-        info = {k: str(v) for k, v in dataset.items() if v is not None}
-    elif isinstance(dataset, str) and dataset:
-        info = {"name": dataset}
-    else:
-        info = {}
-        if recipe is not None:
-            hint = _find_key(recipe.get("data"), ("dataset", "name", "variant")) or ""
-            path = (recipe.get("data") or {}).get("path") or ""
-            text = _norm(f"{hint} {Path(str(path)).name} {recipe.get('description', '')}")
-            for slug, (name, hub_id) in KNOWN_DATASETS.items():
-                if slug in text.replace("_", ""):
-                    info = {"name": name, "id": hub_id}
-                    break
-            else:
-                if hint or path:
-                    info = {"name": str(hint or Path(str(path)).name)}
-    if not info.get("name"):
-        return None
-    if "id" not in info:
-        slug = _norm(info["name"]).replace("_", "")
-        info["id"] = KNOWN_DATASETS.get(slug, (info["name"], _norm(info["name"])))[1]
-    return info
-
-
-def _training_summary(recipe: dict[str, Any] | None) -> dict[str, Any]:
-    """Readable facts of a recipe: objective, schedule, optimizer, points and patches."""
-    if not recipe:
-        return {}
-    out: dict[str, Any] = {"task": recipe.get("task")}
-    objective = (recipe.get("pretrain") or {}).get("objective")
-    if recipe.get("task") == "pretrain" and objective:
-        out["objective"] = objective
-    schedule = recipe.get("schedule") or {}
-    if schedule.get("max_steps"):
-        out["steps"] = schedule["max_steps"]
-    elif schedule.get("epochs"):
-        out["epochs"] = f"{schedule['epochs']} (warm-up {schedule.get('warmup_epochs', 0)})"
-    optim = recipe.get("optim") or {}
-    if optim.get("name"):
-        out["optimizer"] = (
-            f"{optim['name']}, lr {optim.get('lr')}, weight decay {optim.get('weight_decay')}"
-        )
-    data = recipe.get("data") or {}
-    if data.get("batch_size"):
-        out["batch size"] = data["batch_size"]
-    if data.get("num_points"):
-        out["points per sample"] = data["num_points"]
-    return {k: v for k, v in out.items() if v not in (None, "")}
-
-
-def card_context(
-    *,
-    model_kind: str,
-    class_name: str,
-    config: dict[str, Any],
-    num_parameters: int,
-    repo_id: str | None = None,
-    metrics: Mapping[str, Any] | None = None,
-    recipe: Any = None,
-    training: Mapping[str, Any] | None = None,
-    dataset: Any = None,
-    base_model: str | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """Everything a ``hubcards/`` template may use (see ``generate_model_card``).
-
-    Adds, derived from the inputs: ``recipe_yaml`` (text), ``dataset`` (mapping or None),
-    ``base_model`` (a Hub id or None), ``comparison`` (rows ``label, value, scratch,
-    point_mae, paper`` of the paper's results with this model's matching metric) and
-    ``task`` (``type``, ``name``).
-    """
-    recipe_dict = _recipe_dict(recipe)
-    metrics = dict(metrics or {})
-    if base_model is None and recipe_dict is not None:
-        init = _find_key(recipe_dict, ("init", "init_from", "pretrained", "base_model"))
-        # A Hub id, not a local directory: only those can be linked as the base model.
-        if isinstance(init, str) and _HUB_ID.match(init) and not Path(init).exists():
-            base_model = init
-    summary = _training_summary(recipe_dict)
-    summary.update(training or {})
-    normed = {_norm(k): v for k, v in metrics.items() if _is_number(v)}
-    dataset_info = _dataset_info(dataset, recipe_dict)
-    comparison = []
-    for row in PAPER_RESULTS.get(model_kind, []):
-        # A metric measured on another dataset (synthetic shapes, ScanObjectNN) is not put
-        # next to the paper's numbers: the rows then show the paper alone.
-        same_data = dataset_info is not None and dataset_info.get("id") == row.dataset_id
-        value = next((normed[a] for a in row.aliases if a in normed), None) if same_data else None
-        if value is not None and abs(value) <= 1.0:  # fractions -> percent, as in the paper
-            value = 100.0 * value
-        comparison.append({**dataclasses.asdict(row), "value": value})
-    return {
-        "model_kind": model_kind,
-        "class_name": class_name,
-        "config": config,
-        "num_parameters": num_parameters,
-        "repo_id": repo_id or "path/to/model",
-        "metrics": metrics,
-        "recipe": recipe_dict,
-        "recipe_yaml": yaml.safe_dump(recipe_dict, sort_keys=False) if recipe_dict else "",
-        "training": summary,
-        "dataset": dataset_info,
-        "base_model": base_model,
-        "comparison": comparison,
-        "task": TASKS.get(model_kind, {"type": model_kind, "name": model_kind}),
-        **extra,
-    }
-
-
-def card_metadata(context: Mapping[str, Any], base: ModelCardData) -> ModelCardData:
-    """The YAML header: the class defaults (library, license, tags) plus this model's datasets,
-    ``base_model`` and evaluation results (``model-index``)."""
-    data = ModelCardData(**base.to_dict())
-    data.tags = list(dict.fromkeys([*(data.tags or []), *KIND_TAGS.get(context["model_kind"], [])]))
-    dataset = context.get("dataset")
-    if dataset:
-        data.datasets = [dataset["id"]]
-    if context.get("base_model"):
-        data.base_model = context["base_model"]
-    repo_id = context.get("repo_id") or "path/to/model"
-    data.model_name = repo_id.split("/")[-1] if repo_id != "path/to/model" else (
-        f"cd2p-{context['model_kind']}"
-    )
-    numeric = {k: v for k, v in (context.get("metrics") or {}).items() if _is_number(v)}
-    if numeric:
-        task = context["task"]
-        data.eval_results = [
-            EvalResult(
-                task_type=task["type"],
-                task_name=task["name"],
-                dataset_type=dataset["id"] if dataset else "unspecified",
-                dataset_name=dataset["name"] if dataset else "unspecified",
-                dataset_split=(dataset or {}).get("split"),
-                metric_type=_norm(name),
-                metric_name=name,
-                metric_value=float(value),
-            )
-            for name, value in numeric.items()
-        ]
-    return data

@@ -1,0 +1,206 @@
+"""The linear probe: judge a pre-training without fine-tuning, by a linear classifier on the
+frozen backbone's pooled features (``finetune.linear_probe: true``, ``cd2p finetune
+--linear-probe``).
+
+Run directory::
+
+    RUN/recipe.yaml     the recipe as run           RUN/metrics.json   final metrics
+    RUN/run.json        task, data, init            RUN/probe/         the fitted classifier
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+from cd2p._atomic import atomic_output, atomic_write_json
+from cd2p.config import Recipe
+from cd2p.data.modelnet40 import (
+    ClassificationSplit,
+    PointClassificationDataset,
+    load_classification_cache,
+)
+from cd2p.engine import distributed as D
+from cd2p.engine.metrics import confusion_matrix, mean_class_accuracy, overall_accuracy
+from cd2p.engine.tasks import (
+    FINAL_METRICS,
+    PROBE_DIR,
+    RUN_INFO,
+    FinetuneResult,
+    few_shot_subset,
+    load_backbone,
+)
+from cd2p.engine.trainer import check_run_dir, seed_everything
+from cd2p.models.backbone import Cd2pBackbone
+
+
+@torch.no_grad()
+def pooled_features(
+    backbone: Cd2pBackbone, data: ClassificationSplit, num_points: int, batch_size: int = 32
+) -> torch.Tensor:
+    """Max- and mean-pooled backbone tokens ``(S, 2 * dim)`` of every cloud's first
+    ``num_points`` FPS points (the frozen representation a linear probe reads)."""
+    device = next(backbone.parameters()).device
+    backbone.eval()
+    feats = []
+    for batch in DataLoader(PointClassificationDataset(data, num_points), batch_size=batch_size):
+        tokens = backbone(batch["points"].to(device)).tokens.float()
+        feats.append(torch.cat([tokens.max(1).values, tokens.mean(1)], -1).cpu())
+    return torch.cat(feats)
+
+
+def fit_linear_classifier(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int = 300
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression, ``x (S, D)``, ``y (S,)`` -> ``W (D, C)``, ``b (C,)``.
+
+    Minimises mean cross-entropy + ``l2 * |W|^2`` with full-batch L-BFGS (a convex problem:
+    the optimum does not depend on initialisation).
+    """
+    x, y = x.double(), y.long()
+    w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9,
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, y) + l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach().float(), b.detach().float()
+
+
+L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def choose_l2(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int = 0, holdout: float = 0.2
+) -> tuple[float, dict[float, float]]:
+    """Pick the L2 strength of :data:`L2_GRID` with the best accuracy on a stratified
+    ``holdout`` fraction of the training features (the test set is never looked at)."""
+    g = torch.Generator().manual_seed(seed)
+    val_mask = torch.zeros(len(y), dtype=torch.bool)
+    for c in range(num_classes):
+        members = (y == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        val_mask[members[: int(len(members) * holdout)]] = True
+    if not val_mask.any() or val_mask.all():
+        return L2_GRID[2], {}
+    scores = {}
+    for l2 in L2_GRID:
+        w, b = fit_linear_classifier(x[~val_mask], y[~val_mask], num_classes, l2)
+        scores[l2] = float(((x[val_mask] @ w + b).argmax(-1) == y[val_mask]).float().mean())
+    best = max(scores.items(), key=lambda kv: (kv[1], kv[0]))[0]  # ties: stronger regulariser
+    return best, scores
+
+
+def run_linear_probe(
+    recipe: Recipe,
+    data: str | Path,
+    init: str | Path | None,
+    out: str | Path,
+    *,
+    recipe_name: str | None = None,
+    console: Console | None = None,
+) -> FinetuneResult:
+    """Judge a pre-training without fine-tuning: frozen backbone, max+mean-pooled tokens,
+    standardised, then a linear (logistic-regression) classifier whose L2 strength is chosen
+    on a held-out part of the training split; accuracy on ``finetune.val_split``.
+
+    Writes ``out/metrics.json`` and ``out/probe/`` (``classifier.safetensors`` with
+    ``weight (D, C)``, ``bias``, ``mean``, ``std``; ``probe.json``).
+    """
+    out, data = Path(out), Path(data).resolve()
+    check_run_dir(out, resume=False)
+    if recipe.task != "classification":
+        raise ValueError(
+            "a linear probe is a classification benchmark (recipe task: classification)"
+        )
+    cfg = recipe.finetune
+    train = load_classification_cache(data, cfg.train_split)
+    val = load_classification_cache(data, cfg.val_split)
+    if cfg.few_shot is not None:
+        train = few_shot_subset(train, cfg.few_shot, recipe.run.seed, f"{data} ({cfg.train_split})")
+    if init is not None:
+        backbone = load_backbone(init)
+    else:
+        seed_everything(recipe.run.seed)
+        backbone = Cd2pBackbone(**recipe.model.backbone_kwargs())
+    backbone.num_groups, backbone.group_size = recipe.model.num_groups, recipe.model.group_size
+    backbone.to(D.resolve_device(recipe.run.device)).eval()
+    n = recipe.data.num_points
+    x_train = pooled_features(backbone, train, n, cfg.eval_batch_size)
+    x_val = pooled_features(backbone, val, n, cfg.eval_batch_size)
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+    x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
+    l2, scores = choose_l2(x_train, train.labels, train.num_classes, recipe.run.seed)
+    w, b = fit_linear_classifier(x_train, train.labels, train.num_classes, l2)
+    conf = confusion_matrix((x_val @ w + b).argmax(-1), val.labels, val.num_classes)
+    train_acc = float(((x_train @ w + b).argmax(-1) == train.labels).float().mean())
+    metrics = {
+        "oa": overall_accuracy(conf),
+        "macc": mean_class_accuracy(conf),
+        "train_oa": train_acc,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / PROBE_DIR
+    probe.mkdir(exist_ok=True)
+    with atomic_output(probe / "classifier.safetensors") as tmp:
+        save_file({"weight": w.contiguous(), "bias": b, "mean": mean, "std": std}, str(tmp))
+    atomic_write_json(
+        probe / "probe.json",
+        {
+            "init": str(init) if init is not None else None,
+            "l2": l2,
+            "holdout_accuracy": {str(k): v for k, v in scores.items()},
+            "class_names": train.class_names,
+            "num_points": n,
+            "features": "max+mean of tokens",
+            "few_shot": cfg.few_shot,
+            "train_shapes": len(train),
+        },
+    )
+    atomic_write_json(
+        out / FINAL_METRICS,
+        {
+            "task": "linear-probe",
+            **metrics,
+            "l2": l2,
+            "split": cfg.val_split,
+            "data": str(data),
+            "few_shot": cfg.few_shot,
+            "train_shapes": len(train),
+            "confusion_matrix": conf.tolist(),
+        },
+    )
+    from cd2p.config import save_recipe
+
+    save_recipe(recipe, out / "recipe.yaml")
+    atomic_write_json(
+        out / RUN_INFO,
+        {
+            "task": "linear-probe",
+            "data": str(data),
+            "init": str(init) if init is not None else None,
+            "recipe_name": recipe_name,
+        },
+    )
+    return FinetuneResult(None, None, metrics, None, recipe)
+
+
+__all__ = ["choose_l2", "fit_linear_classifier", "pooled_features", "run_linear_probe"]
