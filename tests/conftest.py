@@ -41,3 +41,13 @@ def tiny_model_name(tmp_path_factory) -> str:
     path.write_text(json.dumps(config))
     open_clip.add_model_config(path)
     return name
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one CPU thread: small ops on a shared 2-core machine are several times
+    faster without oversubscription. Use with ``pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

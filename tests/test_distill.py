@@ -14,14 +14,7 @@ from cd2p.models.concepts import ConceptExtractor
 from cd2p.models.distill import OBJECTIVES, Cd2pPretrainModel
 from cd2p.models.mae import MaeDecoder, gather_patches, random_mask, reconstruction_loss
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops: one thread avoids oversubscribing a shared CPU (several times faster there).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(dim=64, depth=4, num_heads=4, num_groups=16, group_size=16)
