@@ -58,7 +58,7 @@ def main() -> None:
     for backend in backends:
         table.add_column(f"{backend} ms", justify="right")
     if len(backends) == 2:
-        table.add_column("torch / cluster", justify="right")
+        table.add_column("cluster speed-up", justify="right")
     for device in devices:
         for b, n, m in SIZES:
             points = torch.rand(b, n, 3, device=device)
