@@ -89,9 +89,9 @@ def pretrain(
             table.add_row("final loss", f"{run.final_loss:.5g}")
         for key, value in run.final_components.items():
             table.add_row(key, f"{value:.5g}")
-        table.add_row(
-            "teacher", result.teacher + (" [bold red](RANDOM)" if result.random_teacher else "")
-        )
+        # The stored description of a random teacher already says so; flag only the others.
+        flag = result.random_teacher and "RANDOM" not in result.teacher
+        table.add_row("teacher", result.teacher + (" [bold red](RANDOM)" if flag else ""))
         table.add_row("backbone", str(result.backbone_dir) if result.backbone_dir else "(not yet)")
         console.print(table)
         if result.backbone_dir:
