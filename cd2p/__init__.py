@@ -17,6 +17,7 @@ _EXPORTS = {
     "Cd2pBackbone": "cd2p.models.backbone",
     "Cd2pForClassification": "cd2p.models.classification",
     "Cd2pForPartSegmentation": "cd2p.models.partseg",
+    "Cd2pForSemanticSegmentation": "cd2p.models.segmentation",
     "from_pretrained": "cd2p.hub",
 }
 
@@ -25,6 +26,7 @@ __all__ = [
     "Cd2pBackbone",
     "Cd2pForClassification",
     "Cd2pForPartSegmentation",
+    "Cd2pForSemanticSegmentation",
     "__version__",
     "from_pretrained",
 ]
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from cd2p.models.backbone import BackboneOutput, Cd2pBackbone
     from cd2p.models.classification import Cd2pForClassification
     from cd2p.models.partseg import Cd2pForPartSegmentation
+    from cd2p.models.segmentation import Cd2pForSemanticSegmentation
 
 
 def __getattr__(name: str) -> Any:

@@ -18,24 +18,10 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCardData
 
-# What each kind is evaluated on, for the Hub's ``model-index`` (task type and default dataset).
-TASKS: dict[str, dict[str, str]] = {
-    "backbone": {"type": "feature-extraction", "name": "3D point-cloud pre-training"},
-    "pretrain": {"type": "feature-extraction", "name": "3D point-cloud pre-training"},
-    "classification": {"type": "point-cloud-classification", "name": "3D object classification"},
-    "partseg": {"type": "point-cloud-part-segmentation", "name": "3D part segmentation"},
-    "segmentation": {"type": "point-cloud-segmentation", "name": "3D semantic segmentation"},
-    "detection": {"type": "3d-object-detection", "name": "3D object detection"},
-}
-
-KIND_TAGS: dict[str, list[str]] = {
-    "backbone": ["feature-extraction", "self-supervised-learning"],
-    "pretrain": ["feature-extraction", "self-supervised-learning"],
-    "classification": ["point-cloud-classification"],
-    "partseg": ["part-segmentation"],
-    "segmentation": ["semantic-segmentation"],
-    "detection": ["3d-object-detection"],
-}
+# The pre-trained backbone's card entries; a task's come from its entry in the task table.
+BACKBONE_HUB_TASK = {"type": "feature-extraction", "name": "3D point-cloud pre-training"}
+BACKBONE_TAGS = ("feature-extraction", "self-supervised-learning")
+PRETRAINED_KINDS = ("backbone", "pretrain")
 
 # Benchmarks recognised in recipe / data names: slug -> (display name, Hub-style dataset id).
 KNOWN_DATASETS: dict[str, tuple[str, str]] = {
@@ -48,8 +34,9 @@ KNOWN_DATASETS: dict[str, tuple[str, str]] = {
 
 @dataclasses.dataclass(frozen=True)
 class PaperResult:
-    """One row of REFERENCE.md: a metric of the paper, its baselines, and the run metric names
-    (normalised, see :func:`_norm`) that measure the same thing."""
+    """One row of the paper's results (docs/method.md#paper-results): a metric of the paper,
+    its baselines, and the run metric names (normalised, see :func:`_norm`) that measure the
+    same thing. Each task declares its rows in its task-table entry."""
 
     label: str
     aliases: tuple[str, ...]
@@ -59,34 +46,40 @@ class PaperResult:
     dataset_id: str  # the benchmark the numbers are on; a run's metric is shown only there
 
 
-_CLS = [
-    PaperResult("ModelNet40 OA, voting (%)",
-                ("oa_vote", "oa_voting", "overall_accuracy_vote", "overall_accuracy_voting",
-                 "accuracy_vote", "vote_oa", "vote_overall_accuracy"),
-                92.1, 92.5, 93.0, "modelnet40"),
-    PaperResult("ModelNet40 OA, no voting (%)",
-                ("oa", "overall_accuracy", "accuracy", "acc"), 92.38, 92.42, 92.71, "modelnet40"),
-]
-_PARTSEG = [
-    PaperResult("ShapeNetPart instance mIoU (%)",
-                ("instance_miou", "ins_miou", "miou_instance", "instance_mean_iou"),
-                85.1, 85.9, 85.9, "shapenetpart"),
-]
-_SEG = [PaperResult("ScanNetV2 mIoU (%)", ("miou", "mean_iou"), 37.0, 45.4, 46.4, "scannet")]
-_DET = [
-    PaperResult("ScanNetV2 mAP@0.25 (%)", ("map_0_25", "map25", "map_25", "ap_0_25"),
-                61.1, 62.1, 63.4, "scannet"),
-    PaperResult("ScanNetV2 mAP@0.5 (%)", ("map_0_5", "map50", "map_50", "ap_0_5"),
-                40.2, 41.2, 42.2, "scannet"),
-]
-PAPER_RESULTS: dict[str, list[PaperResult]] = {
-    "backbone": _CLS + _PARTSEG + _SEG + _DET,
-    "pretrain": _CLS + _PARTSEG + _SEG + _DET,
-    "classification": _CLS,
-    "partseg": _PARTSEG,
-    "segmentation": _SEG,
-    "detection": _DET,
-}
+def hub_task(model_kind: str) -> dict[str, str]:
+    """``{"type", "name"}`` of a model kind for the Hub's ``model-index``."""
+    if model_kind in PRETRAINED_KINDS:
+        return dict(BACKBONE_HUB_TASK)
+    spec = _task_spec(model_kind)
+    if spec is None:
+        return {"type": model_kind, "name": model_kind}
+    return {"type": spec.hub_task_type, "name": spec.hub_task_name}
+
+
+def kind_tags(model_kind: str) -> list[str]:
+    """The Hub tags of a model kind (on top of cd2p's own)."""
+    if model_kind in PRETRAINED_KINDS:
+        return list(BACKBONE_TAGS)
+    spec = _task_spec(model_kind)
+    return list(spec.tags) if spec is not None else []
+
+
+def paper_results(model_kind: str) -> list[PaperResult]:
+    """The paper's results a model of this kind stands beside: its task's rows, or every
+    task's for a pre-trained backbone."""
+    from cd2p.tasks import all_tasks
+
+    if model_kind in PRETRAINED_KINDS:
+        return [row for spec in all_tasks() for row in spec.paper_results]
+    spec = _task_spec(model_kind)
+    return list(spec.paper_results) if spec is not None else []
+
+
+def _task_spec(model_kind: str):
+    from cd2p.tasks import get_task, task_names
+
+    return get_task(model_kind) if model_kind in task_names() else None
+
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -213,7 +206,7 @@ def card_context(
     normed = {_norm(k): v for k, v in metrics.items() if _is_number(v)}
     dataset_info = _dataset_info(dataset, recipe_dict)
     comparison = []
-    for row in PAPER_RESULTS.get(model_kind, []):
+    for row in paper_results(model_kind):
         # A metric measured on another dataset (synthetic shapes, ScanObjectNN) is not put
         # next to the paper's numbers: the rows then show the paper alone.
         same_data = dataset_info is not None and dataset_info.get("id") == row.dataset_id
@@ -234,7 +227,7 @@ def card_context(
         "dataset": dataset_info,
         "base_model": base_model,
         "comparison": comparison,
-        "task": TASKS.get(model_kind, {"type": model_kind, "name": model_kind}),
+        "task": hub_task(model_kind),
         **extra,
     }
 
@@ -243,7 +236,7 @@ def card_metadata(context: Mapping[str, Any], base: ModelCardData) -> ModelCardD
     """The YAML header: the class defaults (library, license, tags) plus this model's datasets,
     ``base_model`` and evaluation results (``model-index``)."""
     data = ModelCardData(**base.to_dict())
-    data.tags = list(dict.fromkeys([*(data.tags or []), *KIND_TAGS.get(context["model_kind"], [])]))
+    data.tags = list(dict.fromkeys([*(data.tags or []), *kind_tags(context["model_kind"])]))
     dataset = context.get("dataset")
     if dataset:
         data.datasets = [dataset["id"]]
@@ -273,11 +266,11 @@ def card_metadata(context: Mapping[str, Any], base: ModelCardData) -> ModelCardD
 
 
 __all__ = [
-    "KIND_TAGS",
     "KNOWN_DATASETS",
-    "PAPER_RESULTS",
-    "TASKS",
     "PaperResult",
     "card_context",
     "card_metadata",
+    "hub_task",
+    "kind_tags",
+    "paper_results",
 ]

@@ -1,8 +1,12 @@
 """Typed recipes: dataclasses loaded from YAML, overridden with ``--set section.key=value``.
 
-A recipe has fixed sections (``model``, ``data``, ``optim``, ``schedule``, ``run`` and one per
-task family). Every key is checked: an unknown key is an error that suggests the closest valid
-name, and every value is converted to its field's type (``1e-3`` is a float, ``null`` is None).
+A recipe has the sections every run uses (``model``, ``data``, ``optim``, ``schedule``,
+``run``) and one section of settings per kind of run: ``pretrain`` for pre-training, and the
+section its task declares in the task table (:mod:`cd2p.tasks`) for fine-tuning (``finetune``
+for classification and part segmentation, ``segmentation`` for scene segmentation). A saved
+``recipe.yaml`` holds only the sections its task uses. Every key is checked: an unknown key is
+an error that suggests the closest valid name, and every value is converted to its field's
+type (``1e-3`` is a float, ``null`` is None).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ class RecipeError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The student backbone (DESIGN.md 2)."""
+    """The student backbone (docs/method.md#backbone)."""
 
     dim: int = 384
     depth: int = 12
@@ -100,7 +104,7 @@ class RunConfig:
 
 @dataclass
 class PretrainConfig:
-    """The pre-training objective (DESIGN.md 3)."""
+    """The pre-training objective (docs/method.md#objectives)."""
 
     objective: Objective = "distill"
     num_concepts: int = 32
@@ -116,7 +120,8 @@ class PretrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Fine-tuning on the object benchmarks: classification and part segmentation (DESIGN.md 5).
+    """Fine-tuning on the object benchmarks: classification and part segmentation
+    (docs/method.md#benchmarks).
 
     The number of classes / parts comes from the prepared dataset.
     """
@@ -148,12 +153,46 @@ class FinetuneConfig:
 
 
 @dataclass
-class Recipe:
-    """A complete run description; saved as ``recipe.yaml`` next to every run's outputs."""
+class SegmentationConfig:
+    """ScanNet scene segmentation (docs/method.md#scene-segmentation).
 
-    task: Literal["pretrain", "classification", "partseg", "segmentation", "detection"] = (
-        "pretrain"
-    )
+    Every training item is a fresh random draw of ``data.num_points`` vertices of a scene,
+    rotated about z, scaled and flipped, then centred; evaluation covers every vertex.
+    """
+
+    train_split: str = "train"
+    val_split: str = "val"
+    label_smoothing: float = 0.0
+    # Feed the vertex colours (RGB scaled to [-1, 1]) to the head beside the coordinates.
+    use_color: bool = False
+    # Widths of the two per-point 1-D convolution blocks before the classifier, and dropout.
+    head_channels: tuple[int, ...] = (256, 256)
+    head_dropout: float = 0.5
+    # Augmentation of each training draw: rotation about z in [-rotate, rotate] radians,
+    # isotropic scale in [scale_low, scale_high], mirror in x and in y with probability 0.5.
+    rotate: float = 3.141592653589793
+    scale_low: float = 0.8
+    scale_high: float = 1.2
+    flip: bool = True
+    # Whole-scene evaluation: every vertex is scored this many times (rounds of disjoint
+    # draws covering the scene); per-vertex class probabilities are summed.
+    votes: int = 3
+    eval_batch_size: int = 8
+
+
+# Sections that hold one kind of run's settings; the other sections are common to all runs.
+TASK_SECTIONS = ("pretrain", "finetune", "segmentation")
+COMMON_SECTIONS = ("task", "description", "model", "data", "optim", "schedule", "run")
+
+
+@dataclass
+class Recipe:
+    """A complete run description; saved as ``recipe.yaml`` next to every run's outputs.
+
+    ``task`` is ``pretrain`` or a task of the task table (:func:`cd2p.tasks.task_names`).
+    """
+
+    task: str = "pretrain"
     description: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -162,6 +201,36 @@ class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+
+    def __post_init__(self) -> None:
+        valid = run_kinds()
+        if self.task not in valid:
+            raise RecipeError(
+                f"recipe.task must be one of {', '.join(map(repr, valid))}, got {self.task!r}"
+                + _suggest(str(self.task), valid)
+            )
+
+
+def run_kinds() -> tuple[str, ...]:
+    """What ``recipe.task`` may say: ``pretrain`` and every task of the task table."""
+    from cd2p.tasks import task_names  # the table lists names without importing any task
+
+    return ("pretrain", *task_names())
+
+
+def task_section(task: str) -> str:
+    """The recipe section holding the settings of ``task`` (``pretrain`` or a table task)."""
+    if task == "pretrain":
+        return "pretrain"
+    from cd2p.tasks import get_task
+
+    return get_task(task).recipe_section
+
+
+def used_sections(task: str) -> tuple[str, ...]:
+    """The recipe sections a run of ``task`` reads, in the order a recipe lists them."""
+    return (*COMMON_SECTIONS, task_section(task))
 
 
 # -- conversion ------------------------------------------------------------------------------
@@ -265,6 +334,7 @@ def to_dict(obj: Any) -> Any:
 def apply_overrides(recipe: Recipe, overrides: Iterable[str]) -> Recipe:
     """Apply ``section.key=value`` strings (values parsed as YAML, then type-checked)."""
     data = to_dict(recipe)
+    touched: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override {item!r} must look like section.key=value")
@@ -281,11 +351,20 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str]) -> Recipe:
                 )
             if depth == len(parts) - 1:
                 node[part] = yaml.safe_load(raw) if raw.strip() else ""
+                touched.setdefault(parts[0], item)
             else:
                 if not dataclasses.is_dataclass(hints[part]):
                     raise RecipeError(f"{'.'.join(parts[: depth + 1])} is a value, not a section")
                 node, cls = node[part], hints[part]
-    return from_dict(Recipe, data)
+    recipe = from_dict(Recipe, data)
+    used = used_sections(recipe.task)
+    for section, item in touched.items():
+        if section in TASK_SECTIONS and section not in used:
+            raise RecipeError(
+                f"--set {item}: section {section!r} is not read by task {recipe.task!r}, whose "
+                f"settings are in section {task_section(recipe.task)!r}"
+            )
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
@@ -299,14 +378,32 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
         raise RecipeError(f"{resolved} must hold a mapping of sections, got {type(data).__name__}")
     try:
         recipe = from_dict(Recipe, data, "recipe")
+        check_sections(recipe, data)
     except RecipeError as exc:
         raise RecipeError(f"{resolved}: {exc}") from None
     return apply_overrides(recipe, overrides)
 
 
+def check_sections(recipe: Recipe, written: Mapping[str, Any]) -> None:
+    """Refuse a section that the recipe's task does not read (its settings would be ignored
+    silently). A section equal to its defaults is accepted: older cd2p saved every section."""
+    used = used_sections(recipe.task)
+    defaults = Recipe(task=recipe.task)
+    for name in TASK_SECTIONS:
+        if name in written and name not in used and getattr(recipe, name) != getattr(
+            defaults, name
+        ):
+            raise RecipeError(
+                f"section {name!r} is not read by task {recipe.task!r}, whose settings are in "
+                f"section {task_section(recipe.task)!r}"
+            )
+
+
 def dump_recipe(recipe: Recipe) -> str:
-    """The recipe as YAML text."""
-    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+    """The recipe as YAML text: the common sections and its task's own section only."""
+    data = to_dict(recipe)
+    used = used_sections(recipe.task)
+    return yaml.safe_dump({k: v for k, v in data.items() if k in used}, sort_keys=False)
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> Path:

@@ -3,7 +3,8 @@
 ``convert_point_mae``: a Point-MAE (pre-trained ``MAE_encoder.*`` or fine-tuned ``encoder.*`` /
 ``blocks.blocks.N.*`` layouts, optionally under ``module.``) or Point-BERT-style
 (``transformer_q.*``) encoder checkpoint -> a cd2p backbone directory (``config.json`` +
-``model.safetensors`` + card). The architectures match (DESIGN.md 2), so this is renaming:
+``model.safetensors`` + card). The architectures match
+(docs/method.md#point-mae-compatibility), so this is renaming:
 
     Point-MAE                               cd2p
     [MAE_encoder.]encoder.first_conv.0.w    encoder.first_conv.0.w

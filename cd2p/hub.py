@@ -48,31 +48,26 @@ TOKEN_PATTERN = re.compile(rb"hf_[A-Za-z0-9]{30,}")
 
 
 def model_class(kind: str) -> type[nn.Module]:
-    """The cd2p class that a ``config.json`` with ``"model_kind": kind`` was saved from.
+    """The cd2p class that a ``config.json`` with ``"model_kind": kind`` was saved from:
+    ``backbone``, or a task of the task table (a task's models have its name as kind).
 
-    Imports happen here, per kind, so that a kind whose module is absent from this version of
-    cd2p gives a clear error instead of breaking ``import cd2p``.
+    The class's module is imported here, so that a kind whose module is absent from this
+    version of cd2p gives a clear error instead of breaking ``import cd2p``.
     """
-    try:
-        if kind == "backbone":
-            from cd2p.models.backbone import Cd2pBackbone as cls
-        elif kind == "classification":
-            from cd2p.models.classification import Cd2pForClassification as cls
-        elif kind == "partseg":
-            from cd2p.models.partseg import Cd2pForPartSegmentation as cls
-        else:
-            raise ValueError(
-                f"unknown cd2p model kind {kind!r} (a newer cd2p may know it); known kinds: "
-                "backbone, classification, partseg"
-            )
-    except ImportError as exc:
-        from cd2p import __version__
+    from cd2p.tasks import get_task, task_names
 
+    if kind == "backbone":
+        try:
+            from cd2p.models.backbone import Cd2pBackbone
+        except ImportError as exc:  # pragma: no cover - the backbone ships with every cd2p
+            raise ValueError(f"model kind 'backbone' is not available: {exc}") from exc
+        return Cd2pBackbone
+    if kind not in task_names():
         raise ValueError(
-            f"model kind {kind!r} is not available in this cd2p ({__version__}): {exc}; "
-            "upgrade cd2p to load it"
-        ) from exc
-    return cls
+            f"unknown cd2p model kind {kind!r} (a newer cd2p may know it); known kinds: "
+            + ", ".join(("backbone", *task_names()))
+        )
+    return get_task(kind).model_class
 
 
 def read_config(repo_id_or_dir: str | Path, **hub_kwargs: Any) -> dict[str, Any]:

@@ -34,7 +34,7 @@ def test_default_size_matches_point_mae_encoder():
     assert "blocks.0.attn.qkv.bias" not in keys  # bias-free qkv, as in Point-MAE
 
 
-# The four group settings of DESIGN.md 2, with a narrow model to stay fast on CPU.
+# The four group settings of docs/method.md#group-settings, with a narrow model to stay fast on CPU.
 @pytest.mark.parametrize(
     "points, groups, size",
     [(4096, 64, 32), (1024, 64, 32), (2048, 128, 32), (8192, 256, 32)],

@@ -8,9 +8,9 @@ import torch
 from click.testing import CliRunner
 
 from cd2p.cli import main
-from cd2p.data.modelnet40 import load_classification_cache, prepare_modelnet40
+from cd2p.data.classification import few_shot_subset, load_classification_cache
+from cd2p.data.modelnet40 import prepare_modelnet40
 from cd2p.data.synthetic_shapes import synthetic_modelnet40
-from cd2p.engine.finetune import few_shot_subset
 
 # Tiny, fast settings on top of the shipped synthetic recipe.
 TINY_SETS = [

@@ -11,20 +11,16 @@ from torch import nn
 from cd2p import Cd2pBackbone, Cd2pForClassification, Cd2pForPartSegmentation
 from cd2p.cli import main
 from cd2p.config import load_recipe
-from cd2p.data.modelnet40 import load_classification_cache, prepare_modelnet40
+from cd2p.data.classification import load_classification_cache
+from cd2p.data.modelnet40 import prepare_modelnet40
 from cd2p.data.shapenetpart import load_partseg_cache, prepare_shapenetpart
 from cd2p.data.synthetic_shapes import synthetic_modelnet40, synthetic_shapenetpart
-from cd2p.engine.finetune import (
-    _vote_view,
-    build_task_model,
-    classification_logits,
-    fit_linear_classifier,
-    load_backbone,
-    run_finetune,
-    run_linear_probe,
-)
+from cd2p.engine.finetune import build_task_model, load_backbone, run_finetune
+from cd2p.engine.linear_probe import fit_linear_classifier, run_linear_probe
 from cd2p.engine.metrics import PartSegMeter
 from cd2p.models.partseg import default_feature_blocks
+from cd2p.tasks.classification import classification_logits
+from cd2p.tasks.classification import vote_view as _vote_view
 
 TINY = dict(dim=64, depth=3, num_heads=4, num_groups=16, group_size=16)
 # Tiny, fast settings on top of the shipped synthetic recipes.
@@ -120,7 +116,7 @@ def test_voting_averages_the_logits_of_several_views(shapes):
 
 
 def _settings():
-    from cd2p.engine.finetune import VoteSettings
+    from cd2p.engine.evaluation import VoteSettings
 
     return VoteSettings()
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
+from cd2p.cards import card_context
 from cd2p.hub import model_class
-from cd2p.models.hub import card_context
 
 TINY = dict(dim=32, depth=2, num_heads=2, num_groups=8, group_size=8)
 
@@ -24,10 +24,13 @@ def tiny_model(kind: str) -> torch.nn.Module:
     if kind == "partseg":
         return cls(backbone=TINY, num_parts=4, num_categories=2, num_points=64,
                    propagation_channels=(16,), head_channels=(16, 8))
+    if kind == "segmentation":
+        return cls(backbone=TINY, num_classes=3, class_names=["a", "b", "c"], num_points=64,
+                   head_channels=(16, 8))
     raise AssertionError(kind)
 
 
-AVAILABLE = ["backbone", "classification", "partseg"]
+AVAILABLE = ["backbone", "classification", "partseg", "segmentation"]
 
 
 @pytest.mark.parametrize("kind", AVAILABLE)

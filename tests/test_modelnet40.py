@@ -6,14 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cd2p.data.modelnet40 import (
-    PointClassificationDataset,
-    load_classification_cache,
-    prepare_modelnet40,
-    read_modelnet40_index,
-    read_shape_txt,
-    write_modelnet40,
-)
+from cd2p.data.classification import PointClassificationDataset, load_classification_cache
+from cd2p.data.common import read_shape_txt
+from cd2p.data.modelnet40 import prepare_modelnet40, read_modelnet40_index, write_modelnet40
 from cd2p.data.synthetic_shapes import PRIMITIVES, synthetic_modelnet40
 from cd2p.ops import farthest_point_sample
 

@@ -19,9 +19,9 @@ from cd2p.data.scannet_pairs import (
     list_scenes,
     prepare_scannet,
     reduce_points,
-    shard_scenes,
     voxel_downsample,
 )
+from cd2p.data.scene_jobs import shard_scenes
 from cd2p.data.sens import SensFrame, SensHeader, SensReader, write_sens
 
 DEPTH_W, DEPTH_H = 32, 24

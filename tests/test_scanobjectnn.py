@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cd2p.data.modelnet40 import load_classification_cache
+from cd2p.data.classification import load_classification_cache
 from cd2p.data.scanobjectnn import (
     SCANOBJECTNN_CLASSES,
     available_variants,

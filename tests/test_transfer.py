@@ -8,7 +8,7 @@ noise, as CLIP + ClipCap would embed the paired image of an object of that class
 (the real ``distill`` objective: concept extractor + alignment head, MSE on the prefix) is trained
 by the real :class:`~cd2p.engine.trainer.Trainer` with the pre-training step and batch pipeline,
 exported as a Hub-format backbone, and judged by ``cd2p finetune classification --linear-probe
---few-shot K`` (:func:`~cd2p.engine.finetune.run_linear_probe`) on held-out shapes written in
+--few-shot K`` (:func:`~cd2p.engine.linear_probe.run_linear_probe`) on held-out shapes written in
 the ModelNet40 format and prepared by ``prepare_modelnet40``. The baseline is the very same
 backbone before pre-training (same seed, same architecture). The classes confuse random
 features (sphere / cube / cylinder, cone / pyramid / octahedron), and a few shots per class do
@@ -25,9 +25,10 @@ import pytest
 import torch
 
 from cd2p.config import load_recipe
-from cd2p.data.modelnet40 import fps_order, normalize_unit_sphere, prepare_modelnet40
+from cd2p.data.common import fps_order, normalize_unit_sphere
+from cd2p.data.modelnet40 import prepare_modelnet40
 from cd2p.data.synthetic_shapes import primitive_shape
-from cd2p.engine.finetune import run_linear_probe
+from cd2p.engine.linear_probe import run_linear_probe
 from cd2p.engine.pretrain import PrepareBatch, PretrainStep, build_pretrain_model
 from cd2p.engine.trainer import Trainer, seed_everything
 

@@ -12,6 +12,7 @@ from cd2p.cli.finetune import finetune
 from cd2p.cli.hub import pull, push
 from cd2p.cli.info import info
 from cd2p.cli.plot import plot
+from cd2p.cli.predict import predict
 from cd2p.cli.prepare import prepare
 from cd2p.cli.pretrain import pretrain
 from cd2p.cli.synthetic import synthetic
@@ -24,9 +25,16 @@ def main() -> None:
 
     \b
     Typical workflow:
-      cd2p synthetic scannet OUT      make a small ScanNet-format dataset (offline demo/tests)
-      cd2p prepare scannet ROOT OUT   ScanNet .sens RGB-D videos -> RGB/point-cloud pairs
-      cd2p info                       versions, devices and the geometry-ops backend
+      cd2p synthetic scannet OUT             a small ScanNet-format dataset (offline demo/tests)
+      cd2p prepare scannet ROOT OUT          ScanNet .sens RGB-D videos -> RGB/point-cloud pairs
+      cd2p prepare teacher OUT               CLIP + ClipCap targets of the pairs, once
+      cd2p pretrain --data OUT --out RUN     distillation pre-training (torchrun for many GPUs)
+      cd2p prepare scannet-scenes ROOT SC    ScanNet meshes -> labelled scenes and boxes
+      cd2p finetune TASK --init RUN ...      fine-tune (`cd2p finetune --help` lists the tasks)
+      cd2p evaluate TASK --model M --data D  metrics, per-class table, plots
+      cd2p predict segmentation --model M SCAN.ply OUT.ply   your own scan
+      cd2p push RUN org/name                 the model and its card on the Hugging Face Hub
+      cd2p info                              versions, devices and the geometry-ops backend
     """
 
 
@@ -38,6 +46,7 @@ main.add_command(prepare)
 main.add_command(pretrain)
 main.add_command(finetune)
 main.add_command(evaluate)
+main.add_command(predict)
 main.add_command(synthetic)
 main.add_command(plot)
 main.add_command(demo)

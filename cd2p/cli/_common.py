@@ -14,6 +14,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from cd2p.tasks import task_names
+
 if TYPE_CHECKING:  # torch is imported only by the commands that run something
     import torch
 
@@ -62,8 +64,8 @@ EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 OUTPUT_DIR = click.Path(file_okay=False, path_type=Path)
 
-#: ``TASK`` of ``cd2p finetune`` and ``cd2p evaluate``.
-task_argument = click.argument("task", type=click.Choice(["classification", "partseg"]))
+#: ``TASK`` of ``cd2p finetune`` and ``cd2p evaluate``: a task of the task table.
+task_argument = click.argument("task", type=click.Choice(list(task_names())))
 #: ``--out RUN`` of the training commands.
 run_out_option = click.option("--out", type=OUTPUT_DIR, help="New run directory.")
 #: ``--resume RUN`` of the training commands.

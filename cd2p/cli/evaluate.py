@@ -1,4 +1,5 @@
-"""``cd2p evaluate classification|partseg``: metrics, per-class table, confusion matrix."""
+"""``cd2p evaluate TASK``: a task model's metrics on prepared data, its per-class table and
+plots, through the task table."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from cd2p.cli._common import (
     EXISTING_DIR,
     OUTPUT_DIR,
     console,
+    is_main_process,
     resolve_device,
     task_argument,
     user_errors,
 )
 
 
-def _pct(value: float) -> str:
+def _pct(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{100 * value:.2f}"
 
 
@@ -36,22 +38,28 @@ def _pct(value: float) -> str:
     "--data",
     required=True,
     type=EXISTING_DIR,
-    help="Prepared dataset (`cd2p prepare ...` OUT).",
+    help="Prepared dataset (the OUT of the task's `cd2p prepare ...`).",
 )
-@click.option("--split", default="test", show_default=True, help="Split of the prepared data.")
+@click.option(
+    "--split",
+    default=None,
+    help="Split of the prepared data [default: the task's validation split: test for the "
+    "object benchmarks, val for ScanNet scenes].",
+)
 @click.option(
     "--votes",
     default=1,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Also report metrics averaged over this many augmented views (10: the paper).",
+    help="Object tasks: also report metrics averaged over this many augmented views (10: the "
+    "paper). Segmentation: how many times every vertex is scored (3: the recipe's).",
 )
 @click.option(
     "--points",
     "num_points",
     default=None,
     type=click.IntRange(min=1),
-    help="Points per shape [default: what the model was trained on].",
+    help="Points per shape or scene draw [default: what the model was trained on].",
 )
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
@@ -66,29 +74,33 @@ def evaluate(
     task: str,
     model_id: str,
     data: Path,
-    split: str,
+    split: str | None,
     votes: int,
     num_points: int | None,
     batch_size: int,
     device: str,
     out: Path | None,
 ) -> None:
-    """Evaluate a classification or part-segmentation model on a prepared benchmark.
+    """Evaluate a fine-tuned model on a prepared benchmark.
 
     \b
     classification: overall accuracy (OA) and mean class accuracy (mAcc), with and without
                     voting, a per-class table and a confusion-matrix PNG.
     partseg:        instance and class mIoU (ShapeNetPart protocol) and a per-category table.
+    segmentation:   ScanNet's benchmark mIoU over 20 classes on every vertex of every scene,
+                    point accuracy, per-class IoU table and a confusion-matrix PNG; under
+                    torchrun the scenes are split over the processes.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from cd2p.engine.finetune import evaluate as run_evaluate
-    from cd2p.engine.finetune import load_task_split
-    from cd2p.engine.metrics import plot_confusion_matrix
-    from cd2p.models.classification import Cd2pForClassification
-    from cd2p.models.partseg import Cd2pForPartSegmentation
+    from cd2p.engine import distributed as D
+    from cd2p.engine.evaluation import default_split
+    from cd2p.engine.evaluation import evaluate as run_evaluate
+    from cd2p.tasks import get_task
 
-    cls = Cd2pForClassification if task == "classification" else Cd2pForPartSegmentation
+    spec = get_task(task)
+    split = split or default_split(task)
+    cls = spec.model_class
     config = Path(model_id) / "config.json"
     if config.is_file():
         kind = json.loads(config.read_text()).get("model_kind")
@@ -96,10 +108,16 @@ def evaluate(
             raise click.UsageError(
                 f"{model_id} holds a {kind!r} model, not a {cls.model_kind!r} one"
             )
+    D.init_distributed(device)
     model = cls.from_pretrained(model_id).to(resolve_device(device))
-    loaded = load_task_split(task, data, split)
+    loaded = spec.load_split(data, split)
     with Progress(
-        TextColumn("[bold]evaluate"), BarColumn(), MofNCompleteColumn(), console=console
+        TextColumn("[bold]evaluate"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(spec.item_name),
+        console=console,
+        disable=not is_main_process(),
     ) as bar:
         job = bar.add_task("", total=len(loaded))
         report = run_evaluate(
@@ -111,53 +129,42 @@ def evaluate(
             batch_size=batch_size,
             progress=lambda n: bar.advance(job, n),
         )
+    if not is_main_process():
+        D.cleanup()
+        return
 
-    voted = votes > 1
-    if task == "classification":
-        table = Table(title=f"{model_id} on {data} ({split})", title_justify="left")
-        for col in ("class", "shapes", "acc %") + (("acc % (vote)",) if voted else ()):
-            table.add_column(col, justify="left" if col == "class" else "right")
-        for row in report.per_class:
-            cells = [row["name"], str(row["support"]), _pct(row["acc"])]
-            table.add_row(*cells, *([_pct(row["acc_vote"])] if voted else []))
-        console.print(table)
-        lines = [f"OA {_pct(report.metrics['oa'])} %   mAcc {_pct(report.metrics['macc'])} %"]
-        if voted:
-            lines.append(
-                f"OA {_pct(report.metrics['oa_vote'])} %   mAcc "
-                f"{_pct(report.metrics['macc_vote'])} %   ({votes} votes)"
-            )
-    else:
-        table = Table(title=f"{model_id} on {data} ({split})", title_justify="left")
-        for col in ("category", "shapes", "mIoU %") + (("mIoU % (vote)",) if voted else ()):
-            table.add_column(col, justify="left" if col == "category" else "right")
-        for row in report.per_class:
-            cells = [row["name"], str(row["shapes"]), _pct(row["miou"])]
-            table.add_row(*cells, *([_pct(row["miou_vote"])] if voted else []))
-        console.print(table)
-        m = report.metrics
-        lines = [
-            f"instance mIoU {_pct(m['instance_miou'])} %   class mIoU {_pct(m['class_miou'])} %"
-        ]
-        if voted:
-            lines.append(
-                f"instance mIoU {_pct(m['instance_miou_vote'])} %   class mIoU "
-                f"{_pct(m['class_miou_vote'])} %   ({votes} votes)"
-            )
-    for line in lines:
-        console.print(f"[bold]{line}")
+    table = Table(title=f"{model_id} on {data} ({split})", title_justify="left")
+    table.add_column("class", justify="left")
+    for header, key in spec.per_class_columns:
+        table.add_column(header, justify="right")
+        if f"{key}_vote" in (report.per_class[0] if report.per_class else {}):
+            table.add_column(f"{header} (vote)", justify="right")
+    for row in report.per_class:
+        cells = [str(row["name"])]
+        for _, key in spec.per_class_columns:
+            value = row[key]
+            cells.append(str(value) if isinstance(value, int) else _pct(value))
+            if f"{key}_vote" in row:
+                cells.append(_pct(row[f"{key}_vote"]))
+        table.add_row(*cells)
+    console.print(table)
+    plain = [m for m in spec.headline if m.key in report.metrics and not m.key.endswith("_vote")]
+    voting = [m for m in spec.headline if m.key in report.metrics and m.key.endswith("_vote")]
+    line = "   ".join(f"{m.label} {_pct(report.metrics[m.key])} %" for m in plain)
+    if not voting and report.votes > 1:  # scene tasks: every point scored several times
+        line += f"   ({report.votes} votes)"
+    console.print(f"[bold]{line}")
+    if voting:
+        line = "   ".join(f"{m.label} {_pct(report.metrics[m.key])} %" for m in voting)
+        console.print(f"[bold]{line}   ({votes} votes)")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         payload = {**report.to_json(), "model": model_id, "data": str(data), "split": split}
         atomic_write_json(out / "metrics.json", payload)
         written = [out / "metrics.json"]
-        if report.confusion is not None:
-            title = f"{model_id} on {data.name} ({split}, " + (
-                f"{votes} votes)" if voted else "no voting)"
-            )
-            written.append(
-                plot_confusion_matrix(
-                    report.confusion, report.class_names, out / "confusion_matrix.png", title
-                )
-            )
+        title = f"{model_id} on {data.name} ({split}, " + (
+            f"{votes} votes)" if votes > 1 else "no voting)"
+        )
+        written += spec.plots(report, out, title)
         console.print("wrote " + ", ".join(str(p) for p in written))
+    D.cleanup()

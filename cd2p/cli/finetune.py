@@ -1,4 +1,4 @@
-"""``cd2p finetune classification|partseg``: fine-tune (or linearly probe) a backbone."""
+"""``cd2p finetune TASK``: fine-tune (or linearly probe) a backbone on a task of the task table."""
 
 from __future__ import annotations
 
@@ -19,22 +19,32 @@ from cd2p.cli._common import (
     user_errors,
 )
 
-DEFAULT_RECIPES = {"classification": "finetune-modelnet40", "partseg": "finetune-shapenetpart"}
+
+def _task_lines() -> str:
+    from cd2p.tasks import all_tasks
+
+    return "\n".join(
+        f"  {spec.name:<15} {spec.summary}; data: {spec.prepare_hint}; recipe: "
+        f"{spec.default_recipe}"
+        for spec in all_tasks()
+    )
 
 
-@click.command()
+@click.command(
+    epilog="\b\nTasks (TASK, what it is, its data, its default recipe):\n" + _task_lines()
+)
 @task_argument
 @click.option(
     "--recipe",
     "recipe_arg",
     default=None,
-    help="Recipe YAML path or shipped name [default: finetune-modelnet40 / "
-    "finetune-shapenetpart; with --resume the run's].",
+    help="Recipe YAML path or shipped name [default: the task's recipe, listed below; with "
+    "--resume the run's].",
 )
 @click.option(
     "--data",
     type=EXISTING_DIR,
-    help="Prepared dataset (`cd2p prepare modelnet40|scanobjectnn|shapenetpart` OUT).",
+    help="Prepared dataset: the OUT of the task's `cd2p prepare ...` (listed below).",
 )
 @click.option(
     "--init",
@@ -47,7 +57,8 @@ DEFAULT_RECIPES = {"classification": "finetune-modelnet40", "partseg": "finetune
 @click.option(
     "--linear-probe",
     is_flag=True,
-    help="Freeze the backbone and fit a linear classifier on its pooled features.",
+    help="Classification: freeze the backbone and fit a linear classifier on its pooled "
+    "features.",
 )
 @click.option(
     "--few-shot",
@@ -80,15 +91,20 @@ def finetune(
       cd2p finetune classification --recipe finetune-modelnet40 --data prepared/modelnet40 \\
           --init runs/distill --out runs/mn40
       cd2p finetune partseg --data prepared/shapenetpart --init org/cd2p-base --out runs/snp
-      cd2p finetune classification --data prepared/modelnet40 --init runs/distill \\
-          --linear-probe --out runs/mn40-probe
+      cd2p finetune segmentation --data prepared/scannet-scenes --init runs/distill \\
+          --out runs/scannet-seg
       cd2p finetune classification --data prepared/modelnet40 --init runs/distill \\
           --linear-probe --few-shot 5 --out runs/mn40-5shot
+
+    Under torchrun (`torchrun --nproc-per-node 8 -m cd2p finetune ...`) data.batch_size is
+    the global batch; evaluation of scene tasks is split over the processes.
     """
     from cd2p.config import load_recipe
     from cd2p.engine import distributed as D
     from cd2p.engine.finetune import run_finetune
+    from cd2p.tasks import get_task
 
+    spec = get_task(task)
     if resume is not None:
         if recipe_arg or overrides or linear_probe or init or few_shot is not None:
             raise click.UsageError(
@@ -99,11 +115,9 @@ def finetune(
     else:
         if out is None or data is None:
             raise click.UsageError("a new run needs --data PREPARED and --out RUN (or --resume)")
-        name = recipe_arg or DEFAULT_RECIPES[task]
+        name = recipe_arg or spec.default_recipe
         extra = ["finetune.linear_probe=true"] if linear_probe else []
         if few_shot is not None:
-            if task != "classification":
-                raise click.UsageError("--few-shot is for classification")
             extra.append(f"finetune.few_shot={few_shot}")
         recipe = load_recipe(name, [*overrides, *extra])
     result = run_finetune(
@@ -128,8 +142,9 @@ def finetune(
             )
         for key, value in result.metrics.items():
             table.add_row(key, f"{100 * value:.2f} %")
-        if result.recipe.finetune.few_shot is not None:
-            table.add_row("few-shot", f"{result.recipe.finetune.few_shot} shapes per class")
+        facts = spec.run_facts(result.recipe)
+        if facts.get("few_shot") is not None:
+            table.add_row("few-shot", f"{facts['few_shot']} {spec.item_name} per class")
         for note in result.notes:
             table.add_row("note", note)
         table.add_row(

@@ -71,7 +71,8 @@ def scannet(root: Path, out: Path, frame_skip: int, num_points: int, split: str,
     Scenes with missing or corrupt files are skipped, listed in the report, and make the
     command exit with status 1 at the end.
     """
-    from cd2p.data.scannet_pairs import prepare_scannet, report_name
+    from cd2p.data.scannet_pairs import prepare_scannet
+    from cd2p.data.scene_jobs import report_name
 
     shard_index = parse_shard(shard)
     report = prepare_scannet(
@@ -112,6 +113,99 @@ def summary_table(report: dict[str, Any]) -> Table:
     table.add_row("pairs/s (this run)", "-" if rate is None else f"{rate:.1f}")
     mbps = report["sens_mb_per_second"]
     table.add_row(".sens MB/s (this run)", "-" if mbps is None else f"{mbps:.1f}")
+    return table
+
+
+@prepare.command("scannet-scenes")
+@click.argument("root", type=EXISTING_DIR)
+@click.argument("out", type=OUTPUT_DIR)
+@click.option("--labels", type=EXISTING_FILE, default=None,
+              help="ScanNet's label table (raw category -> nyu40 id)  "
+                   "[default: ROOT/scannetv2-labels.combined.tsv]")
+@click.option("--split", type=click.Choice(["train", "val", "all"]), default="all",
+              show_default=True,
+              help="Scenes of scannetv2_<split>.txt (found at ROOT, ROOT/meta or ROOT/..); "
+                   "'all' = every scans/<scene>/ with a <scene>_vh_clean_2.ply.")
+@click.option("--scenes", "scenes_file", type=EXISTING_FILE, default=None,
+              help="Text file of scene ids, one per line (overrides --split).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Processes over scenes (use the number of cores).")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Prepare only part I of N of the sorted scene list (one part per machine; "
+                   "parts may share OUT, each writes prepare_report.shard-I-of-N.json).")
+@user_errors
+def scannet_scenes(root: Path, out: Path, labels: Path | None, split: str,
+                   scenes_file: Path | None, workers: int, shard: str | None) -> None:
+    """ScanNet v2 scene meshes in ROOT -> scenes for segmentation and detection in OUT.
+
+    Per scene: the vertices of <scene>_vh_clean_2.ply moved by the scene's axisAlignment,
+    their colours, ScanNet's 20-class semantic labels (-1 = ignore) and instance ids from the
+    segments and the aggregation, and one axis-aligned box per instance of the 18 detection
+    classes (as VoteNet). Each scene's split (train / val) comes from ScanNet's split lists.
+
+    \b
+    OUT/scenes/<scene_id>/scene.safetensors  coord, color, semantic, instance, box_*
+    OUT/scenes/<scene_id>/cd2p_scene.json    per-scene statistics
+    OUT/prepare_report.json                  scenes, vertices, boxes per class, errors
+
+    Re-running the same command resumes: finished scenes are kept, half-written ones redone
+    (a different label table is refused). Scenes with missing or inconsistent files are
+    skipped, listed in the report, and make the command exit with status 1 at the end.
+    """
+    from cd2p.data.scannet_scenes import DEFAULT_LABEL_TABLE, prepare_scannet_scenes
+    from cd2p.data.scene_jobs import report_name
+
+    if labels is None:
+        labels = root / DEFAULT_LABEL_TABLE
+        if not labels.is_file():
+            raise click.UsageError(
+                f"{labels} not found: pass --labels with ScanNet's {DEFAULT_LABEL_TABLE}"
+            )
+    shard_index = parse_shard(shard)
+    report = prepare_scannet_scenes(
+        root, out, labels=labels, split=split, scenes_file=scenes_file, workers=workers,
+        shard=shard_index, progress=True,
+    )
+    console.print(scenes_summary_table(report))
+    console.print(f"report: {out / report_name(shard_index)}")
+    if report["errors"]:
+        for error in report["errors"]:
+            console.print(f"[red]failed[/] {error['scene']}: {error['error']}")
+        raise Cd2pError(
+            f"{len(report['errors'])} scene(s) failed (listed above and in the report); "
+            "the other scenes are complete, fix the files and re-run to add them"
+        )
+
+
+def scenes_summary_table(report: dict[str, Any], top_classes: int = 5) -> Table:
+    """The end-of-run summary of a ``prepare scannet-scenes`` report."""
+    scenes = report["scenes"]
+    table = Table(title="cd2p prepare scannet-scenes", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("scenes", str(scenes["total"]))
+    table.add_row("  prepared now", str(scenes["prepared"]))
+    table.add_row("  already done (resumed)", str(scenes["resumed"]))
+    table.add_row("  failed", f"[red]{scenes['failed']}[/]" if scenes["failed"] else "0")
+    splits = ", ".join(f"{name} {count}" for name, count in report["scene_splits"].items())
+    table.add_row("  by split", splits or "-")
+    unaligned = len(report["scenes_without_axis_alignment"])
+    table.add_row("  without axisAlignment", f"[yellow]{unaligned}[/]" if unaligned else "0")
+    table.add_row("vertices", f"{report['vertices']:,}")
+    fraction = report["labelled_fraction"]
+    table.add_row("  labelled (20 classes)", "-" if fraction is None else f"{fraction:.1%}")
+    table.add_row("instances", str(report["instances"]))
+    table.add_row("boxes (18 classes)", str(report["boxes"]))
+    ranked = sorted(((n, c) for c, n in report["boxes_per_class"].items() if n),
+                    key=lambda item: -item[0])
+    for count, name in ranked[:top_classes]:
+        table.add_row(f"  {name}", str(count))
+    if len(ranked) > top_classes:
+        rest = sum(count for count, _ in ranked[top_classes:])
+        table.add_row(f"  {len(ranked) - top_classes} other classes", str(rest))
+    if report["warnings"]:
+        table.add_row("warnings", f"[yellow]{len(report['warnings'])}[/] (see the report)")
+    table.add_row("seconds", f"{report['seconds']:.1f}")
     return table
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from cd2p.data.scannet_pairs import SCENE_STATS_FILE, TMP_PREFIX
+from cd2p.data.scene_jobs import SCENE_STATS_FILE, TMP_PREFIX
 
 DATASET_STATE_FILE = "state.json"  # written last by datasets' save_to_disk
 

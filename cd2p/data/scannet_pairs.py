@@ -31,31 +31,23 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import json
 import math
-import multiprocessing
-import os
-import shutil
 import time
 import zlib
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cd2p._atomic import atomic_write_json
+from cd2p.data import scene_jobs
 from cd2p.data.scannet_files import axis_alignment, read_scene_meta
+from cd2p.data.scene_jobs import shard_scenes
 
 FORMAT_VERSION = 1
-SCENE_STATS_FILE = "cd2p_scene.json"
-CONFIG_FILE = "prepare_config.json"
-TMP_PREFIX = ".tmp-"
 SKIP_REASONS = ("invalid_pose", "too_few_valid_depth")
 TIMING_KEYS = ("read", "depth_decode", "backproject", "sampling", "write")
-SPLIT_FILES = {"train": "scannetv2_train.txt", "val": "scannetv2_val.txt"}
 JPEG = 2  # .sens colour compression code for JPEG
 # Errors that mean "this scene's files are bad", recorded in the report instead of stopping
 # a run over 1500 scans; anything else is a bug and stops the run.
@@ -256,35 +248,6 @@ def frame_rng(seed: int, scene_id: str, frame_index: int) -> np.random.Generator
 # --------------------------------------------------------------------------- scene files
 
 
-def find_split_file(root: Path, split: str) -> Path:
-    """Locate ``scannetv2_<split>.txt`` at ROOT, ROOT/meta, ROOT/.. or ROOT/Tasks/Benchmark."""
-    name = SPLIT_FILES[split]
-    candidates = [root / name, root / "meta" / name, root.parent / name,
-                  root / "Tasks" / "Benchmark" / name]
-    for path in candidates:
-        if path.is_file():
-            return path
-    where = ", ".join(str(p.parent) for p in candidates)
-    raise FileNotFoundError(
-        f"split list {name} not found (looked in {where}); pass --split all or --scenes FILE"
-    )
-
-
-def read_scene_list(path: Path) -> list[str]:
-    """Scene ids from a text file, one per line (blank lines and ``#`` comments ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"scene list {path} not found")
-    names = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        name = line.split("#", 1)[0].strip()
-        if name:
-            if "/" in name or "\\" in name or name.startswith("."):
-                raise ValueError(f"{path}: {name!r} is not a scene id")
-            names.append(name)
-    return names
-
-
 def list_scenes(root: str | Path, split: str = "train", scenes_file: str | Path | None = None
                 ) -> list[str]:
     """Sorted, de-duplicated scene ids of a ScanNet root for a split or an explicit list.
@@ -292,30 +255,7 @@ def list_scenes(root: str | Path, split: str = "train", scenes_file: str | Path 
     ``split`` is ``train``/``val`` (ScanNet's split lists) or ``all`` (every ``scans/*/``
     holding a ``<scene>.sens``); ``scenes_file`` overrides ``split``.
     """
-    root = Path(root)
-    scans = root / "scans"
-    if not scans.is_dir():
-        raise FileNotFoundError(
-            f"{scans} not found: expected a ScanNet v2 root with scans/<scene>/<scene>.sens"
-        )
-    if scenes_file is not None:
-        names = read_scene_list(Path(scenes_file))
-    elif split == "all":
-        names = [d.name for d in scans.iterdir() if (d / f"{d.name}.sens").is_file()]
-    elif split in SPLIT_FILES:
-        names = read_scene_list(find_split_file(root, split))
-    else:
-        raise ValueError(f"split must be train, val or all, got {split!r}")
-    return sorted(set(names))
-
-
-def shard_scenes(scenes: Sequence[str], shard: tuple[int, int]) -> list[str]:
-    """Part ``I`` of ``N`` of the sorted scene list (round robin, so parts are balanced); the
-    parts are disjoint and together are the whole list."""
-    index, count = shard
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"shard must satisfy 0 <= I < N, got {index}/{count}")
-    return sorted(scenes)[index::count]
+    return scene_jobs.list_scenes(root, split, scenes_file, scene_file="{scene}.sens")
 
 
 # --------------------------------------------------------------------------- one scene
@@ -376,9 +316,8 @@ def prepare_scene(root: str | Path, scene_id: str, scenes_dir: str | Path,
     root, scenes_dir = Path(root), Path(scenes_dir)
     stats = SceneStats(scene_id=scene_id)
     sens_path = sens_path_of(root, scene_id)
-    tmp = scenes_dir / f"{TMP_PREFIX}{scene_id}"
     start = time.perf_counter()
-    shutil.rmtree(tmp, ignore_errors=True)  # a stale partial scene from an interrupted run
+    tmp = scene_jobs.fresh_tmp_dir(scenes_dir, scene_id)  # drops a stale, interrupted one
     try:
         columns = _scene_pairs(sens_path, scene_id, settings, stats)
     except SCENE_ERRORS as exc:
@@ -510,41 +449,10 @@ def _write_scene(columns: dict[str, Any], stats: SceneStats, tmp: Path, final: P
             enable_progress_bars()
     record = asdict(stats)
     record["settings"] = settings.to_json()
-    (tmp / SCENE_STATS_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
-    os.replace(tmp, final)
-
-
-def load_scene_stats(scene_dir: Path) -> dict[str, Any]:
-    """The statistics a finished scene directory was written with."""
-    return json.loads((scene_dir / SCENE_STATS_FILE).read_text(encoding="utf-8"))
+    scene_jobs.commit_scene_dir(tmp, final, record)
 
 
 # --------------------------------------------------------------------------- whole run
-
-
-def report_name(shard: tuple[int, int]) -> str:
-    index, count = shard
-    return "prepare_report.json" if count == 1 else f"prepare_report.shard-{index}-of-{count}.json"
-
-
-def _check_config(out: Path, settings: PrepareSettings) -> None:
-    """A resumed run must produce the same pairs as the first one: same settings."""
-    path = out / CONFIG_FILE
-    wanted = settings.to_json()
-    if path.is_file():
-        try:
-            found = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-        if found != wanted:
-            diff = ", ".join(f"{k}: {found.get(k)} -> {v}" for k, v in wanted.items()
-                             if found.get(k) != v)
-            raise ValueError(
-                f"{out} was prepared with other settings ({diff}); use a new OUT directory "
-                "or the original settings to resume"
-            )
-    else:
-        atomic_write_json(path, wanted)
 
 
 def _summarise(stats: list[dict[str, Any]], settings: PrepareSettings, *, root: Path, out: Path,
@@ -553,8 +461,6 @@ def _summarise(stats: list[dict[str, Any]], settings: PrepareSettings, *, root: 
                ) -> dict[str, Any]:
     worked = [s for s in stats if s["status"] == "done"]
     ok = [s for s in stats if s["status"] in ("done", "resumed")]
-    errors = [{"scene": s["scene_id"], "file": s["file"], "error": s["error"]}
-              for s in stats if s["status"] == "error"]
     new_pairs = sum(s["pairs"] for s in worked)
     new_bytes = sum(s["sens_bytes"] for s in worked)
     return {
@@ -566,20 +472,14 @@ def _summarise(stats: list[dict[str, Any]], settings: PrepareSettings, *, root: 
         "workers": workers,
         "settings": settings.to_json(),
         "interrupted": interrupted,
-        "scenes": {
-            "total": len(scenes),
-            "prepared": len(worked),
-            "resumed": sum(s["status"] == "resumed" for s in stats),
-            "failed": len(errors),
-            "not_reached": len(scenes) - len(stats),
-        },
+        "scenes": scene_jobs.scene_counts(stats, len(scenes)),
         "frames_in_files": sum(s["frames_in_file"] for s in ok),
         "frames_considered": sum(s["frames_considered"] for s in ok),
         "frames_read": sum(s["frames_read"] for s in ok),
         "pairs_written": sum(s["pairs"] for s in ok),
         "frames_skipped": {r: sum(s["skipped"][r] for s in ok) for r in SKIP_REASONS},
-        "errors": errors,
-        "warnings": [f"{s['scene_id']}: {w}" for s in ok for w in s["warnings"]],
+        "errors": scene_jobs.scene_errors(stats),
+        "warnings": scene_jobs.scene_warnings(stats),
         "scenes_without_axis_alignment": sorted(s["scene_id"] for s in ok
                                                 if not s["axis_aligned"]),
         "seconds": round(seconds, 3),
@@ -636,105 +536,19 @@ def prepare_scannet(
     settings = PrepareSettings(frame_skip=frame_skip, num_points=num_points,
                                voxel_size=voxel_size, max_depth=max_depth,
                                min_valid_points=min_valid_points, seed=seed)
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    scene_jobs.check_workers(workers)
     root, out = Path(root), Path(out)
     scenes = shard_scenes(list_scenes(root, split, scenes_file), shard)
-    scenes_dir = out / "scenes"
-    scenes_dir.mkdir(parents=True, exist_ok=True)
-    _check_config(out, settings)
+    task = functools.partial(prepare_scene, root, scenes_dir=out / "scenes", settings=settings)
 
-    stats: list[dict[str, Any]] = []
-    remaining = []
-    for scene_id in scenes:
-        if (scenes_dir / scene_id).is_dir():
-            done = load_scene_stats(scenes_dir / scene_id)
-            done["status"] = "resumed"
-            stats.append(done)
-        else:
-            remaining.append(scene_id)
+    def summarise(stats: list[dict[str, Any]], seconds: float, interrupted: bool
+                  ) -> dict[str, Any]:
+        return _summarise(stats, settings, root=root, out=out, scenes=scenes, split=split,
+                          scenes_file=scenes_file, shard=shard, workers=workers,
+                          seconds=seconds, interrupted=interrupted)
 
-    start = time.perf_counter()
-    interrupted = True
-    bar = _Progress(len(scenes), len(stats), enabled=progress)
-    try:
-        with bar:
-            for result in _run_scenes(root, remaining, scenes_dir, settings, workers):
-                stats.append(result)
-                bar.advance(result)
-                if on_scene_done is not None:
-                    on_scene_done(result)
-        interrupted = False
-    finally:
-        report = _summarise(stats, settings, root=root, out=out, scenes=scenes, split=split,
-                            scenes_file=scenes_file, shard=shard, workers=workers,
-                            seconds=time.perf_counter() - start, interrupted=interrupted)
-        atomic_write_json(out / report_name(shard), report)
-    return report
-
-
-def _run_scenes(root: Path, scenes: list[str], scenes_dir: Path, settings: PrepareSettings,
-                workers: int):
-    """Yield each scene's statistics as it finishes (in this process or in a spawn pool)."""
-    if workers == 1 or len(scenes) <= 1:
-        for scene_id in scenes:
-            yield prepare_scene(root, scene_id, scenes_dir, settings)
-        return
-    # spawn: safe with threads (torch, datasets) in the parent and the same on every OS.
-    context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(scenes)), mp_context=context)
-    try:
-        pending: set[Future] = set()
-        queue = list(reversed(scenes))
-        # Keep at most 2 tasks per worker queued so an interrupt loses little work.
-        while queue or pending:
-            while queue and len(pending) < 2 * workers:
-                pending.add(pool.submit(prepare_scene, root, queue.pop(), scenes_dir, settings))
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                yield future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-class _Progress:
-    """Rich progress over scenes, with pairs written and pairs per second."""
-
-    def __init__(self, total: int, already: int, enabled: bool) -> None:
-        self.enabled = enabled
-        self.pairs = 0
-        self.start = time.perf_counter()
-        if not enabled:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("[bold]scenes"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[pairs]} pairs, {task.fields[rate]} pairs/s"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            transient=False,
-        )
-        self.task = self.progress.add_task("prepare", total=total, completed=already,
-                                           pairs=0, rate="-")
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            self.progress.__exit__(*exc)
-
-    def advance(self, scene: dict[str, Any]) -> None:
-        self.pairs += scene["pairs"]
-        if self.enabled:
-            rate = self.pairs / max(time.perf_counter() - self.start, 1e-9)
-            self.progress.update(self.task, advance=1, pairs=self.pairs, rate=f"{rate:.1f}")
+    return scene_jobs.run_scene_jobs(
+        task, scenes, out, config=settings.to_json(), summarise=summarise,
+        report_file=scene_jobs.report_name(shard), workers=workers, progress=progress,
+        counter="pairs", on_scene_done=on_scene_done,
+    )

@@ -13,7 +13,7 @@ Each h5 holds ``data`` ``(S, 2048, 3)`` float32, ``label`` ``(S,)`` integer clas
 ``mask`` ``(S, 2048)`` (object/background per point, unused for classification). The clouds
 are already centred and scaled, so unlike ModelNet40 they are not re-normalised (as in
 Point-MAE). ``cd2p prepare scanobjectnn ROOT OUT`` writes one classification cache (the format
-of :mod:`cd2p.data.modelnet40`) per variant, ``OUT/objbg``, ``OUT/objonly``, ``OUT/hardest``,
+of :mod:`cd2p.data.classification`) per variant, ``OUT/objbg``, ``OUT/objonly``, ``OUT/hardest``,
 each cloud re-ordered by farthest point sampling.
 """
 
@@ -25,12 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from cd2p._atomic import atomic_output
-from cd2p.data.modelnet40 import (
-    fps_order,
-    progress_bar,
-    save_classification_cache,
-    staged_directory,
-)
+from cd2p.data.classification import save_classification_cache
+from cd2p.data.common import fps_order, progress_bar, staged_directory
 
 SCANOBJECTNN_CLASSES = (
     "bag",

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from cd2p._atomic import atomic_write_text
-from cd2p.data.modelnet40 import (
+from cd2p.data.common import (
     META_FILE,
     dataset_source,
     normalize_unit_sphere,

@@ -14,6 +14,7 @@ get ScanNet's faults: ``-inf`` poses and empty (all-zero) depth.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -23,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
+from cd2p._atomic import atomic_write_bytes
 from cd2p.data import scannet_files as sf
+from cd2p.data.common import SYNTHETIC_MARKER
 from cd2p.data.render import PinholeView, Primitives, Shell, pixel_rays, render_views
 from cd2p.data.sens import (
     COLOR_JPEG,
@@ -774,6 +777,9 @@ def generate_synthetic_scannet(
     sf.write_split(root / "scannetv2_train.txt", splits["train"])
     sf.write_split(root / "scannetv2_val.txt", splits["val"])
     sf.write_label_table(root / "scannetv2-labels.combined.tsv", label_table_rows(instances))
+    # Marks the root as synthetic: prepared data and model cards then say "synthetic-scannet".
+    marker = {"generator": "cd2p synthetic scannet", "scenes": num_scenes, "seed": seed}
+    atomic_write_bytes(root / SYNTHETIC_MARKER, json.dumps(marker).encode())
     return SyntheticScanNetSummary(
         root=root, scenes=scene_ids, splits=splits, frames_per_scene=frames_per_scene,
         invalid_pose_frames=invalid, empty_depth_frames=empty, instances=dict(instances),

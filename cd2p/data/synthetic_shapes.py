@@ -26,7 +26,8 @@ import numpy as np
 import trimesh.creation as tc
 
 from cd2p._atomic import atomic_write_text
-from cd2p.data.modelnet40 import SYNTHETIC_MARKER, progress_bar, write_modelnet40
+from cd2p.data.common import SYNTHETIC_MARKER, progress_bar
+from cd2p.data.modelnet40 import write_modelnet40
 from cd2p.data.shapenetpart import STANDARD_PARTS, STANDARD_SYNSETS, write_shapenetpart
 
 Mesh = tuple[np.ndarray, np.ndarray]  # vertices (V, 3) float64, faces (F, 3) int64

@@ -8,8 +8,12 @@ exactly what an uninterrupted one would, with no generator state to save.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from cd2p.config import Recipe
 
 
 def step_generator(seed: int, step: int, rank: int = 0, stream: str = "augment") -> torch.Generator:
@@ -55,3 +59,42 @@ def random_subsample(
     order = torch.rand(batch, available, generator=generator).argsort(dim=1)[:, :num_points]
     order = order.to(points.device)
     return torch.gather(points, 1, order.unsqueeze(-1).expand(-1, -1, points.shape[-1]))
+
+
+def subsample_views(
+    batch: dict[str, Any], num_points: int, generator: torch.Generator, keys: tuple[str, ...]
+) -> dict[str, Any]:
+    """Keep the same random ``num_points`` of every cloud in each of ``keys`` (``(B, P, ...)``)."""
+    b, available = batch[keys[0]].shape[:2]
+    if num_points > available:
+        raise ValueError(f"cannot draw {num_points} points from pools of {available}")
+    order = torch.rand(b, available, generator=generator).argsort(dim=1)[:, :num_points]
+    order = order.to(batch[keys[0]].device)
+    for key in keys:
+        value = batch[key]
+        index = order.view(b, num_points, *([1] * (value.dim() - 2))).expand(
+            -1, -1, *value.shape[2:]
+        )
+        batch[key] = torch.gather(value, 1, index)
+    return batch
+
+
+class PrepareViews:
+    """The per-step, on-device augmentation of the object benchmarks: draw ``data.num_points``
+    of each pool at random, then Point-MAE's scale-and-translate, all from the step's
+    generator (``StepContext.generator``)."""
+
+    def __init__(self, recipe: Recipe, keys: tuple[str, ...]) -> None:
+        self.data = recipe.data
+        self.keys = keys
+
+    def __call__(self, batch: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        batch = subsample_views(batch, self.data.num_points, ctx.generator, self.keys)
+        batch["points"] = scale_and_translate(
+            batch["points"],
+            ctx.generator,
+            self.data.scale_low,
+            self.data.scale_high,
+            self.data.translate,
+        )
+        return batch

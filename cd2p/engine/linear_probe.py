@@ -20,21 +20,21 @@ from torch.utils.data import DataLoader
 
 from cd2p._atomic import atomic_output, atomic_write_json
 from cd2p.config import Recipe
-from cd2p.data.modelnet40 import (
+from cd2p.data.classification import (
     ClassificationSplit,
     PointClassificationDataset,
+    few_shot_subset,
     load_classification_cache,
 )
 from cd2p.engine import distributed as D
-from cd2p.engine.metrics import confusion_matrix, mean_class_accuracy, overall_accuracy
-from cd2p.engine.tasks import (
+from cd2p.engine.finetune import (
     FINAL_METRICS,
     PROBE_DIR,
     RUN_INFO,
     FinetuneResult,
-    few_shot_subset,
     load_backbone,
 )
+from cd2p.engine.metrics import confusion_matrix, mean_class_accuracy, overall_accuracy
 from cd2p.engine.trainer import check_run_dir, seed_everything
 from cd2p.models.backbone import Cd2pBackbone
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics of the object benchmarks: classification accuracy and part-segmentation IoU.
+"""Evaluation metrics: classification accuracy, part-segmentation IoU and scene-segmentation IoU.
 
 Classification: overall accuracy (OA), mean class accuracy (mAcc, the mean over the classes
 that occur in the ground truth of per-class recall) and the confusion matrix.
@@ -8,6 +8,12 @@ predictions are restricted to the parts of the shape's (known) category; for eve
 IoU of each of its category's parts is computed, with IoU = 1 when a part is absent from both
 the prediction and the ground truth; a shape's IoU is the mean over its category's parts;
 *instance mIoU* averages shapes, *class mIoU* averages the per-category means.
+
+Scene segmentation follows ScanNet's benchmark script (``evaluate_semantic_label.py``): one
+point confusion matrix over the benchmark classes, vertices whose ground truth is not one of
+them excluded; per class IoU = TP / (TP + FP + FN) where FP counts only vertices whose ground
+truth is another benchmark class; a class with no ground truth and no prediction has no IoU
+(NaN) and is left out of the mean.
 """
 
 from __future__ import annotations
@@ -161,6 +167,33 @@ class PartSegMeter:
         }
 
 
+# -- scene segmentation -----------------------------------------------------------------------
+
+
+def segmentation_ious(confmat: torch.Tensor) -> torch.Tensor:
+    """Per-class IoU ``(C,)`` float64 of a point confusion matrix (row = ground truth,
+    column = prediction), as ScanNet's ``get_iou``: ``TP / (TP + FP + FN)``, NaN when the class
+    is neither in the ground truth nor predicted."""
+    counts = confmat.double()
+    tp = counts.diagonal()
+    fn = counts.sum(1) - tp
+    fp = counts.sum(0) - tp
+    denom = tp + fp + fn
+    return torch.where(denom > 0, tp / denom.clamp_min(1), torch.full_like(tp, float("nan")))
+
+
+def segmentation_metrics(confmat: torch.Tensor) -> dict[str, float]:
+    """``miou`` (mean over classes with a defined IoU), ``oa`` (point accuracy) and ``macc``
+    (mean per-class recall over classes present in the ground truth) of a confusion matrix."""
+    ious = segmentation_ious(confmat)
+    defined = ~ious.isnan()
+    return {
+        "miou": float(ious[defined].mean()) if bool(defined.any()) else 0.0,
+        "oa": overall_accuracy(confmat),
+        "macc": mean_class_accuracy(confmat),
+    }
+
+
 def plot_confusion_matrix(
     confmat: torch.Tensor, class_names: Sequence[str], path: str | Path, title: str = ""
 ) -> Path:
@@ -210,5 +243,7 @@ __all__ = [
     "per_class_accuracy",
     "plot_confusion_matrix",
     "restrict_to_category",
+    "segmentation_ious",
+    "segmentation_metrics",
     "shape_part_ious",
 ]

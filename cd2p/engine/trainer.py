@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cd2p.config import Recipe, save_recipe
+from cd2p.data.epochs import EpochIndex
 from cd2p.engine import distributed as D
 from cd2p.engine.augment import step_generator
 from cd2p.engine.checkpoint import (
@@ -70,7 +71,9 @@ class EpochBatchSampler(Sampler[list[int]]):
     multiple of ``world_size`` by wrapping around (as ``DistributedSampler`` does), gives rank
     ``r`` the indices ``r, r + world_size, ...`` and cuts them into batches of ``batch_size``,
     dropping the last incomplete one. :meth:`set_epoch` may skip the first batches of an epoch
-    (a resumed run continues mid-epoch).
+    (a resumed run continues mid-epoch). With ``with_epoch`` the batches hold
+    :class:`~cd2p.data.epochs.EpochIndex` keys ``(epoch, index)`` for datasets whose items
+    are drawn afresh every epoch.
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         world_size: int = 1,
         seed: int = 0,
         shuffle: bool = True,
+        with_epoch: bool = False,
     ) -> None:
         if num_samples < 1:
             raise ValueError("the dataset is empty")
@@ -90,6 +94,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.world_size = world_size
         self.seed = seed
         self.shuffle = shuffle
+        self.with_epoch = with_epoch
         self.epoch = 0
         self.start_batch = 0
         self.per_rank = math.ceil(num_samples / world_size)
@@ -120,20 +125,33 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         order = self.indices(self.epoch)
         for b in range(self.start_batch, len(self)):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield [EpochIndex(self.epoch, i) for i in batch] if self.with_epoch else batch
 
 
 # -- helpers ---------------------------------------------------------------------------------
 
 
 def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: weights with decay; biases, norms, tokens and queries without (Point-MAE)."""
+    """Two groups: weights with decay; biases, norms, tokens and queries without (Point-MAE),
+    and whatever a submodule's ``no_weight_decay()`` names (timm's convention)."""
+    declared = set()
+    for prefix, module in model.named_modules():
+        names = getattr(module, "no_weight_decay", None)
+        if callable(names):
+            declared |= {f"{prefix}.{n}" if prefix else n for n in names()}
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        if param.ndim <= 1 or leaf == "bias" or "token" in leaf or "queries" in leaf:
+        if (
+            param.ndim <= 1
+            or leaf == "bias"
+            or "token" in leaf
+            or "queries" in leaf
+            or name in declared
+        ):
             no_decay.append(param)
         else:
             decay.append(param)
@@ -307,7 +325,12 @@ class Trainer:
             )
         self.batch_size = global_batch // self.dist.world_size
         self.sampler = EpochBatchSampler(
-            len(dataset), self.batch_size, self.dist.rank, self.dist.world_size, recipe.run.seed
+            len(dataset),
+            self.batch_size,
+            self.dist.rank,
+            self.dist.world_size,
+            recipe.run.seed,
+            with_epoch=bool(getattr(dataset, "fresh_each_epoch", False)),
         )
         self.plan = StepPlan.from_config(recipe.schedule, len(self.sampler))
         groups = param_groups or default_param_groups(self.model, recipe.optim.weight_decay)

@@ -1,4 +1,5 @@
-"""Alignment head: map student tokens into the teacher's target space (DESIGN.md 3).
+"""Alignment head: map student tokens into the teacher's target space
+(docs/method.md#alignment-head).
 
 A two-layer channel MLP (``dim -> out_dim -> out_dim``, GELU) lifts every token to the
 teacher's width, then a learned linear map over the token axis mixes ``in_tokens`` tokens into

@@ -8,35 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from cd2p.models.backbone import Cd2pBackbone
-from cd2p.models.hub import Cd2pHubMixin
+from cd2p.models.task_base import Cd2pTaskModel, mlp_head
 
 
-def mlp_head(in_dim: int, hidden: Sequence[int], out_dim: int, dropout: float) -> nn.Sequential:
-    """``Linear -> BN -> ReLU -> Dropout`` for every hidden width, then a final ``Linear``."""
-    layers: list[nn.Module] = []
-    for width in hidden:
-        layers += [
-            nn.Linear(in_dim, width),
-            nn.BatchNorm1d(width),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-        ]
-        in_dim = width
-    layers.append(nn.Linear(in_dim, out_dim))
-    return nn.Sequential(*layers)
-
-
-def backbone_config(backbone: Cd2pBackbone, **overrides: Any) -> dict[str, Any]:
-    """The constructor arguments of ``backbone`` (as saved in its ``config.json``), updated
-    with ``overrides`` (e.g. the task's ``num_groups``)."""
-    config = dict(getattr(backbone, "_hub_mixin_config", None) or {})
-    config.pop("model_kind", None)
-    config.update({k: v for k, v in overrides.items() if v is not None})
-    return config
-
-
-class Cd2pForClassification(nn.Module, Cd2pHubMixin, model_kind="classification"):
+class Cd2pForClassification(Cd2pTaskModel, model_kind="classification"):
     """Backbone + class token + MLP head: ``points (B, N, 3)`` -> logits ``(B, num_classes)``.
 
     As Point-MAE's fine-tuning model: a learnable class token (and its positional embedding)
@@ -63,10 +38,9 @@ class Cd2pForClassification(nn.Module, Cd2pHubMixin, model_kind="classification"
         class_names: Sequence[str] | None = None,
         num_points: int = 1024,
     ) -> None:
-        super().__init__()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-        self.backbone = Cd2pBackbone(**(backbone or {}))
+        super().__init__(backbone)
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else None
         self.num_points = num_points
@@ -77,22 +51,9 @@ class Cd2pForClassification(nn.Module, Cd2pHubMixin, model_kind="classification"
         nn.init.trunc_normal_(self.cls_pos, std=0.02)
         self.head = mlp_head(2 * dim, head_channels, num_classes, head_dropout)
 
-    @classmethod
-    def from_backbone(
-        cls,
-        pretrained: Cd2pBackbone,
-        backbone_overrides: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> Cd2pForClassification:
-        """A classifier whose backbone starts from ``backbone``'s weights (the head is new).
-
-        ``backbone_overrides`` changes per-task settings of the backbone (``num_groups``,
-        ``group_size``, ``drop_path_rate``); ``kwargs`` go to the constructor.
-        """
-        config = backbone_config(pretrained, **(backbone_overrides or {}))
-        model = cls(backbone=config, **kwargs)
-        model.backbone.load_state_dict(pretrained.state_dict(), strict=True)
-        return model
+    def no_weight_decay(self) -> set[str]:
+        """Parameters the optimiser must not decay: the class token and its position."""
+        return {"cls_token", "cls_pos"}
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """``points (B, N, 3)`` -> class logits ``(B, num_classes)``."""
@@ -106,4 +67,4 @@ class Cd2pForClassification(nn.Module, Cd2pHubMixin, model_kind="classification"
         return self.head(features)
 
 
-__all__ = ["Cd2pForClassification", "backbone_config", "mlp_head"]
+__all__ = ["Cd2pForClassification"]

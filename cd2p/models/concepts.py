@@ -1,4 +1,5 @@
-"""Concept extraction: 32 learnable queries that read every layer of the student (DESIGN.md 3).
+"""Concept extraction: 32 learnable queries that read every layer of the student
+(docs/method.md#concept-extraction).
 
 One pre-norm cross-attention block, with **one set of weights shared by all layers**, is applied
 after every backbone block ``i = 1..depth``::

@@ -1,4 +1,5 @@
-"""The pre-training model: the student backbone plus the heads of its objective (DESIGN.md 3).
+"""The pre-training model: the student backbone plus the heads of its objective
+(docs/method.md#objectives).
 
 Objectives (the paper's ablations), selected by name:
 

@@ -14,17 +14,7 @@ from safetensors.torch import save_model
 
 from cd2p._atomic import atomic_output, atomic_write_json
 from cd2p._resources import hubcard_path
-
-# The card logic moved to cd2p.cards; re-exported so that existing imports keep working.
-from cd2p.cards import (
-    KIND_TAGS,
-    KNOWN_DATASETS,
-    PAPER_RESULTS,
-    TASKS,
-    PaperResult,
-    card_context,
-    card_metadata,
-)
+from cd2p.cards import card_context, card_metadata
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -163,15 +153,8 @@ class Cd2pHubMixin(PyTorchModelHubMixin):
 
 __all__ = [
     "CONFIG_NAME",
-    "KIND_TAGS",
-    "KNOWN_DATASETS",
-    "PAPER_RESULTS",
-    "TASKS",
     "WEIGHTS_NAME",
     "Cd2pHubMixin",
-    "PaperResult",
     "StrictLoadError",
-    "card_context",
-    "card_metadata",
     "load_state_dict_strict",
 ]

@@ -1,6 +1,6 @@
 """Point-MAE masked point modelling: random patch masking, decoder, Chamfer-L2 loss.
 
-The ``mae`` objective of DESIGN.md 3 (Pang et al., "Masked Autoencoders for Point Cloud
+The ``mae`` objective of docs/method.md#mae (Pang et al., "Masked Autoencoders for Point Cloud
 Self-supervised Learning", 2022):
 
 1. hide ``round(ratio * G)`` of the ``G`` patches of every cloud at random (:func:`random_mask`);

@@ -9,9 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cd2p.models.backbone import Cd2pBackbone
-from cd2p.models.classification import backbone_config
-from cd2p.models.hub import Cd2pHubMixin
+from cd2p.models.task_base import Cd2pTaskModel, point_mlp
 from cd2p.ops import three_nn_interpolate
 
 
@@ -20,16 +18,7 @@ def default_feature_blocks(depth: int) -> list[int]:
     return sorted({max(1, round(depth * i / 3)) for i in (1, 2, 3)})
 
 
-def point_mlp(in_channels: int, widths: Sequence[int]) -> nn.Sequential:
-    """Shared per-point ``Conv1d(1x1) -> BN -> ReLU`` layers on ``(B, C, N)``."""
-    layers: list[nn.Module] = []
-    for width in widths:
-        layers += [nn.Conv1d(in_channels, width, 1), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
-        in_channels = width
-    return nn.Sequential(*layers)
-
-
-class Cd2pForPartSegmentation(nn.Module, Cd2pHubMixin, model_kind="partseg"):
+class Cd2pForPartSegmentation(Cd2pTaskModel, model_kind="partseg"):
     """Backbone + feature propagation + per-point MLP:
     ``points (B, N, 3)``, ``category (B,)`` -> part logits ``(B, N, num_parts)``.
 
@@ -69,8 +58,7 @@ class Cd2pForPartSegmentation(nn.Module, Cd2pHubMixin, model_kind="partseg"):
         category_parts: Sequence[Sequence[int]] | None = None,
         num_points: int = 2048,
     ) -> None:
-        super().__init__()
-        self.backbone = Cd2pBackbone(**(backbone or {}))
+        super().__init__(backbone)
         depth, dim = self.backbone.depth, self.backbone.dim
         blocks = list(feature_blocks) if feature_blocks else default_feature_blocks(depth)
         if any(not 1 <= b <= depth for b in blocks):
@@ -102,19 +90,6 @@ class Cd2pForPartSegmentation(nn.Module, Cd2pHubMixin, model_kind="partseg"):
             *point_mlp(head_channels[0], head_channels[1:]),
             nn.Conv1d(head_channels[-1], num_parts, 1),
         )
-
-    @classmethod
-    def from_backbone(
-        cls,
-        pretrained: Cd2pBackbone,
-        backbone_overrides: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> Cd2pForPartSegmentation:
-        """A segmenter whose backbone starts from ``backbone``'s weights (the heads are new)."""
-        config = backbone_config(pretrained, **(backbone_overrides or {}))
-        model = cls(backbone=config, **kwargs)
-        model.backbone.load_state_dict(pretrained.state_dict(), strict=True)
-        return model
 
     def forward(self, points: torch.Tensor, category: torch.Tensor) -> torch.Tensor:
         """``points (B, N, 3)``, ``category (B,)`` int -> part logits ``(B, N, num_parts)``."""

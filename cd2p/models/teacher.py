@@ -1,4 +1,5 @@
-"""The frozen 2D teacher: CLIP ViT-B/32 image encoder + ClipCap's MLP mapper (DESIGN.md 3).
+"""The frozen 2D teacher: CLIP ViT-B/32 image encoder + ClipCap's MLP mapper
+(docs/method.md#teacher).
 
 The teacher turns an RGB frame into the target the student learns to reproduce:
 

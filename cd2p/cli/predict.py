@@ -1,0 +1,83 @@
+"""``cd2p predict TASK --model M INPUT OUT``: run a fine-tuned model on a user's own file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cd2p.cli._common import EXISTING_FILE, console, key_value_table, resolve_device, user_errors
+
+
+def _predict_tasks() -> list[str]:
+    from cd2p.tasks import all_tasks
+
+    return [spec.name for spec in all_tasks() if spec.predict is not None]
+
+
+@click.command()
+@click.argument("task", type=click.Choice(_predict_tasks()))
+@click.argument("scan", type=EXISTING_FILE)
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--model",
+    "model_id",
+    required=True,
+    help="A fine-tuned model of the task (RUN/model of `cd2p finetune`) or a Hub id.",
+)
+@click.option(
+    "--votes",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="How many times every point is scored (scores are summed).",
+)
+@click.option(
+    "--labels",
+    type=EXISTING_FILE,
+    default=None,
+    help="Ground truth to show beside the prediction: a PLY with a per-vertex nyu40 'label' "
+    "(ScanNet's _vh_clean_2.labels.ply) [default: the scan's own 'label', if any].",
+)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@user_errors
+def predict(
+    task: str,
+    scan: Path,
+    out: Path,
+    model_id: str,
+    votes: int,
+    labels: Path | None,
+    batch_size: int,
+    device: str,
+) -> None:
+    """Predict on your own scan and write the result and a picture.
+
+    \b
+    segmentation: SCAN is a PLY (ScanNet's _vh_clean_2.ply or any PLY with vertices; ASCII
+                  or binary), .npy/.npz or .txt/.xyz (x y z [r g b]), with z up, in metres.
+                  OUT (.ply) gets every vertex coloured by its predicted class (ScanNet's
+                  colours), a per-vertex 'label' property holding the predicted nyu40 id and
+                  the scan's faces; OUT with .png is a top-down picture, beside the ground truth
+                  when labels are known (then the scan's mIoU is printed too).
+
+    \b
+    Example:
+      cd2p predict segmentation --model runs/scannet-seg/model \\
+          scans/scene0011_00/scene0011_00_vh_clean_2.ply scene0011_00-pred.ply
+    """
+    from cd2p.tasks import get_task
+
+    spec = get_task(task)
+    assert spec.predict is not None
+    model = spec.model_class.from_pretrained(model_id).to(resolve_device(device))
+    summary = spec.predict(model, scan, out, votes=votes, batch_size=batch_size, labels=labels)
+    table = key_value_table(f"cd2p predict {task}: {scan.name}")
+    table.add_row("vertices", str(summary["vertices"]))
+    if "miou" in summary:
+        table.add_row("mIoU (against the labels)", f"{100 * summary['miou']:.2f} %")
+    for name, count in list(summary.get("classes", {}).items())[:8]:
+        table.add_row(f"  {name}", f"{count} points")
+    table.add_row("wrote", ", ".join(summary["files"]))
+    console.print(table)
