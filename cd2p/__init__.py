@@ -16,6 +16,7 @@ _EXPORTS = {
     "BackboneOutput": "cd2p.models.backbone",
     "Cd2pBackbone": "cd2p.models.backbone",
     "Cd2pForClassification": "cd2p.models.classification",
+    "Cd2pForDetection": "cd2p.models.detection.detector",
     "Cd2pForPartSegmentation": "cd2p.models.partseg",
     "Cd2pForSemanticSegmentation": "cd2p.models.segmentation",
     "from_pretrained": "cd2p.hub",
@@ -25,6 +26,7 @@ __all__ = [
     "BackboneOutput",
     "Cd2pBackbone",
     "Cd2pForClassification",
+    "Cd2pForDetection",
     "Cd2pForPartSegmentation",
     "Cd2pForSemanticSegmentation",
     "__version__",
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from cd2p.hub import from_pretrained
     from cd2p.models.backbone import BackboneOutput, Cd2pBackbone
     from cd2p.models.classification import Cd2pForClassification
+    from cd2p.models.detection.detector import Cd2pForDetection
     from cd2p.models.partseg import Cd2pForPartSegmentation
     from cd2p.models.segmentation import Cd2pForSemanticSegmentation
 

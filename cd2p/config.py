@@ -180,8 +180,49 @@ class SegmentationConfig:
     eval_batch_size: int = 8
 
 
+@dataclass
+class DetectionConfig:
+    """3D object detection on ScanNet: 3DETR with the cd2p encoder (docs/method.md#detection).
+
+    Defaults are 3DETR's ScanNet settings (its ``main.py`` and ``scripts/scannet_ep1080.sh``).
+    """
+
+    train_split: str = "train"
+    val_split: str = "val"
+    # The decoder: queries (FPS over the encoder centers), layers, width, heads, FFN, dropout;
+    # dropout of the box heads.
+    num_queries: int = 256
+    decoder_depth: int = 8
+    decoder_dim: int = 256
+    decoder_heads: int = 4
+    decoder_ffn_dim: int = 256
+    decoder_dropout: float = 0.1
+    mlp_dropout: float = 0.3
+    # Hungarian matching costs and loss weights ("no object" class weight in the class loss).
+    cost_class: float = 1.0
+    cost_giou: float = 2.0
+    cost_center: float = 0.0
+    cost_objectness: float = 0.0
+    weight_cls: float = 1.0
+    weight_giou: float = 1.0
+    weight_center: float = 5.0
+    weight_size: float = 1.0
+    no_object_weight: float = 0.25
+    # Augmentation of every training draw: a random cuboid crop keeping at least
+    # crop_min_points vertices and the boxes whose centre stays inside, data.num_points of the
+    # vertices, mirrors in x and y, rotation about z within +-rotate radians (boxes become the
+    # axis-aligned hull of the rotated box).
+    crop: bool = True
+    crop_min_points: int = 30_000
+    flip: bool = True
+    rotate: float = 0.08726646259971647  # 5 degrees
+    # Evaluation follows 3DETR's protocol exactly (3D NMS at 0.25 within a class, objectness
+    # above 0.05, boxes holding fewer than 5 points dropped); only its batch size is a setting.
+    eval_batch_size: int = 8
+
+
 # Sections that hold one kind of run's settings; the other sections are common to all runs.
-TASK_SECTIONS = ("pretrain", "finetune", "segmentation")
+TASK_SECTIONS = ("pretrain", "finetune", "segmentation", "detection")
 COMMON_SECTIONS = ("task", "description", "model", "data", "optim", "schedule", "run")
 
 
@@ -202,6 +243,7 @@ class Recipe:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
 
     def __post_init__(self) -> None:
         valid = run_kinds()

@@ -28,13 +28,13 @@ def test_each_task_declares_everything_once(name):
     assert cls.model_kind == name and model_class(name) is cls
     assert hubcard_path(name).is_file()
     section = spec.section(Recipe(task=name))
-    for key in ("train_split", "val_split", "votes", "eval_batch_size"):
+    for key in ("train_split", "val_split", "eval_batch_size"):
         assert hasattr(section, key), (name, key)
     recipe = load_recipe(spec.default_recipe)
     assert recipe.task == name
     saved = yaml.safe_load(dump_recipe(recipe))
     assert spec.recipe_section in saved and "pretrain" not in saved
-    others = {"finetune", "segmentation"} - {spec.recipe_section}
+    others = {"finetune", "segmentation", "detection"} - {spec.recipe_section}
     assert not others & set(saved), saved.keys()
     assert spec.best_metric in {m.key for m in spec.headline}
     assert spec.paper_results and all(r.dataset_id for r in spec.paper_results)

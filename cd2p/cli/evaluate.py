@@ -162,8 +162,8 @@ def evaluate(
         payload = {**report.to_json(), "model": model_id, "data": str(data), "split": split}
         atomic_write_json(out / "metrics.json", payload)
         written = [out / "metrics.json"]
-        title = f"{model_id} on {data.name} ({split}, " + (
-            f"{votes} votes)" if votes > 1 else "no voting)"
+        title = f"{model_id} on {data.name} ({split}" + (
+            f", {report.votes} votes)" if report.votes > 1 else ")"
         )
         written += spec.plots(report, out, title)
         console.print("wrote " + ", ".join(str(p) for p in written))

@@ -40,7 +40,8 @@ class EvalReport:
     voted predictions when voting). partseg: ``instance_miou``, ``class_miou``, ``accuracy``
     (and ``*_vote``), ``per_class`` rows (name, shapes, miou[, miou_vote]). segmentation:
     ``miou``, ``oa``, ``macc``, ``per_class`` rows (name, points, iou, acc) and the point
-    confusion matrix.
+    confusion matrix. detection: ``map_0_25``, ``map_0_5``, ``ar_0_25``, ``ar_0_5``,
+    ``per_class`` rows (name, boxes, ap_0_25, ap_0_5, recall_0_25, recall_0_5).
     """
 
     task: str
@@ -51,6 +52,9 @@ class EvalReport:
     num_samples: int = 0
     votes: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    # What the task's pictures need beyond the numbers (e.g. a few scenes and their boxes);
+    # not written to metrics.json.
+    visuals: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         out = {

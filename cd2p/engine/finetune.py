@@ -267,7 +267,8 @@ def run_finetune(
     if result.completed:
         # Every rank evaluates (scene tasks shard the scenes over the ranks); rank 0 writes.
         best_model = spec.model_class.from_pretrained(str(model_dir)).to(trainer.device)
-        report = evaluate(task, best_model, val_data, cfg.votes, batch_size=cfg.eval_batch_size)
+        votes = getattr(cfg, "votes", 1)  # a task without test-time votes has no such setting
+        report = evaluate(task, best_model, val_data, votes, batch_size=cfg.eval_batch_size)
         final = report.metrics
         best_step = (result.best or {}).get("step")
         training_card["best step"] = f"{best_step} of {result.total_steps}"

@@ -35,6 +35,7 @@ TASK_MODULES: dict[str, str] = {
     "classification": "cd2p.tasks.classification",
     "partseg": "cd2p.tasks.partseg",
     "segmentation": "cd2p.tasks.segmentation",
+    "detection": "cd2p.tasks.detection",
 }
 
 
@@ -86,7 +87,8 @@ class TaskSpec:
         plots: ``(report, out dir, title) -> written paths`` (confusion matrices...).
     Recipes, CLI and cards:
         recipe_section: the recipe section holding the task's settings; it has at least
-            ``train_split``, ``val_split``, ``votes`` and ``eval_batch_size``.
+            ``train_split``, ``val_split`` and ``eval_batch_size`` (and ``votes`` when the
+            final evaluation averages several views).
         default_recipe: shipped recipe used when ``--recipe`` is not given.
         prepare_hint: the ``cd2p prepare`` command that makes its data.
         item_name: what a sample is called in messages (``shapes``, ``scenes``).
