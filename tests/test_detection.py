@@ -203,3 +203,39 @@ def test_card_puts_the_scannet_map_beside_the_papers():
     assert "| ScanNetV2 mAP@0.25 (%) | 61.1 | 62.1 | 63.4 | 63.40 |" in card.text
     assert "| ScanNetV2 mAP@0.5 (%) | 40.2 | 41.2 | 42.2 | 42.00 |" in card.text
     assert card.data.eval_results[0].task_type == "3d-object-detection"
+
+
+@pytest.mark.parametrize("task", ["segmentation", "detection"])
+def test_scene_evaluation_split_over_two_processes_equals_one_process(rooms, tmp_path, task):
+    # torchrun: each rank evaluates every other scene; confusion matrices are summed
+    # (segmentation) and boxes gathered (detection) before the metrics.
+    import os
+    import subprocess
+    import sys
+
+    from cd2p.data.scannet_scenes import SEG_CLASS_NAMES
+    from cd2p.models.segmentation import Cd2pForSemanticSegmentation
+
+    torch.manual_seed(0)
+    if task == "segmentation":
+        model = Cd2pForSemanticSegmentation(backbone=TINY, class_names=list(SEG_CLASS_NAMES),
+                                            num_points=512)  # fmt: skip
+    else:
+        model = Cd2pForDetection(backbone=TINY, class_names=list(DET_CLASS_NAMES), num_queries=16,
+                                 decoder_depth=1, decoder_dim=32, decoder_ffn_dim=32,
+                                 num_points=1024)  # fmt: skip
+    model.eval().save_pretrained(tmp_path / "model")
+    args = ["evaluate", task, "--model", str(tmp_path / "model"), "--data",
+            str(rooms / "scenes"), "--split", "all", "--device", "cpu"]  # fmt: skip
+    single = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "one")])
+    assert single.exit_code == 0, single.output
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "cd2p", *args, "--out", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    for key in ("per_class", "confusion_matrix", "miou", "oa", "map_0_25", "map_0_5", "ar_0_25",
+                "gt_boxes", "vertices"):  # fmt: skip
+        assert one.get(key) == two.get(key), key
