@@ -46,6 +46,25 @@ def user_errors(func: Callable) -> Callable:
     return wrapper
 
 
+def interruptible(func: Callable) -> Callable:
+    """A training command stopped by SIGINT / SIGTERM: the trainer has written a checkpoint and
+    printed the ``--resume`` command; exit with the shell's code for the signal (130 / 143)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from cd2p.engine.trainer import TrainingInterrupted
+
+        try:
+            return func(*args, **kwargs)
+        except TrainingInterrupted as exc:
+            from cd2p.engine import distributed as D
+
+            D.cleanup()
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
 def parse_shard(value: str | None) -> tuple[int, int]:
     """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``; ``None`` -> ``(0, 1)``."""
     if value is None:
@@ -72,7 +91,8 @@ run_out_option = click.option("--out", type=OUTPUT_DIR, help="New run directory.
 resume_option = click.option(
     "--resume",
     type=EXISTING_DIR,
-    help="Continue the run in this directory from its latest checkpoint.",
+    help="Continue the run in this directory from its latest checkpoint (also a finished "
+    "run: extend it with --set schedule.epochs=N).",
 )
 
 
