@@ -286,7 +286,7 @@ def _wandb_history(run_dir: Path) -> list[dict]:
     return rows
 
 
-def test_tensorboard_and_offline_wandb_hold_every_logged_metric(tmp_path: Path, monkeypatch) -> None:
+def test_tensorboard_and_offline_wandb_hold_every_logged_metric(tmp_path: Path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -368,7 +368,7 @@ def test_sigint_writes_a_checkpoint_and_the_run_resumes_bit_identically(tmp_path
     out = io.StringIO()
     seed_everything(r.run.seed)
     trainer = Trainer(TinyNet(), Clouds(), r, tmp_path / "cut", prepare_batch=interrupt_at_step_10,
-                      console=Console(file=out, width=60), resume_hint="cd2p x --resume RUN")  # fmt: skip
+                      console=Console(file=out, width=60), resume_hint="cd2p x --resume RUN")
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as stopped:
         trainer.fit()

@@ -15,6 +15,7 @@ from cd2p.cli.plot import plot
 from cd2p.cli.predict import predict
 from cd2p.cli.prepare import prepare
 from cd2p.cli.pretrain import pretrain
+from cd2p.cli.recipes import recipes
 from cd2p.cli.synthetic import synthetic
 
 
@@ -49,4 +50,5 @@ main.add_command(evaluate)
 main.add_command(predict)
 main.add_command(synthetic)
 main.add_command(plot)
+main.add_command(recipes)
 main.add_command(demo)

@@ -64,6 +64,9 @@ class FinetuneResult:
 def load_backbone(init: str | Path) -> Cd2pBackbone:
     """A pre-trained backbone from a saved directory, a pre-training run (its ``backbone/``)
     or a Hub id."""
+    from cd2p.models.hub import check_local_path
+
+    check_local_path(init, "--init")
     path = Path(init)
     if path.is_dir() and (path / "backbone" / "config.json").is_file():
         path = path / "backbone"
