@@ -7,6 +7,7 @@ import click
 from cd2p import __version__
 from cd2p.cli.convert import convert
 from cd2p.cli.demo import demo
+from cd2p.cli.embed import embed
 from cd2p.cli.evaluate import evaluate
 from cd2p.cli.finetune import finetune
 from cd2p.cli.hub import pull, push
@@ -48,6 +49,7 @@ main.add_command(pretrain)
 main.add_command(finetune)
 main.add_command(evaluate)
 main.add_command(predict)
+main.add_command(embed)
 main.add_command(synthetic)
 main.add_command(plot)
 main.add_command(recipes)
