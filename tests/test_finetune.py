@@ -148,6 +148,8 @@ def test_linear_classifier_and_probe(tmp_path, shapes):
     assert evaluated.exit_code == 0, evaluated.output
     again = json.loads((run / "eval" / "metrics.json").read_text())
     assert again["oa"] == saved["oa"] and again["macc"] == saved["macc"]
+    assert saved["metric_descriptions"]["oa"].startswith("overall accuracy, one view per shape")
+    assert "predictions" in saved["confusion_matrix_of"]
     plotted = runner.invoke(main, ["plot", str(run)])
     assert plotted.exit_code == 0 and (run / "metrics.png").is_file(), plotted.output
     pushed = runner.invoke(main, ["push", str(run), "org/cd2p-probe", "--dry-run",

@@ -148,6 +148,20 @@ def evaluate(
                 cells.append(_pct(row[f"{key}_vote"]))
         table.add_row(*cells)
     console.print(table)
+    per_part = report.extra.get("per_part")
+    if per_part:
+        parts = Table(title="per-part IoU (mean over the shapes of its category)",
+                      title_justify="left")  # fmt: skip
+        for header in ("category", "part", "shapes", "IoU %"):
+            parts.add_column(header, justify="left" if header == "category" else "right")
+        if "iou_vote" in per_part[0]:
+            parts.add_column("IoU % (vote)", justify="right")
+        for row in per_part:
+            cells = [str(row["category"]), str(row["part"]), str(row["shapes"]), _pct(row["iou"])]
+            if "iou_vote" in row:
+                cells.append(_pct(row["iou_vote"]))
+            parts.add_row(*cells)
+        console.print(parts)
     plain = [m for m in spec.headline if m.key in report.metrics and not m.key.endswith("_vote")]
     voting = [m for m in spec.headline if m.key in report.metrics and m.key.endswith("_vote")]
     line = "   ".join(f"{m.label} {_pct(report.metrics[m.key])} %" for m in plain)
