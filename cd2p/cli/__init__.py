@@ -27,16 +27,25 @@ def main() -> None:
 
     \b
     Typical workflow:
+      cd2p info                              versions, devices, ops backend, cached teacher
+      cd2p recipes [show NAME]               the shipped recipes and the paper result of each
+      cd2p demo                              the whole pipeline on synthetic data, offline
       cd2p synthetic scannet OUT             a small ScanNet-format dataset (offline demo/tests)
       cd2p prepare scannet ROOT OUT          ScanNet .sens RGB-D videos -> RGB/point-cloud pairs
       cd2p prepare teacher OUT               CLIP + ClipCap targets of the pairs, once
       cd2p pretrain --data OUT --out RUN     distillation pre-training (torchrun for many GPUs)
-      cd2p prepare scannet-scenes ROOT SC    ScanNet meshes -> labelled scenes and boxes
+      cd2p prepare modelnet40|scanobjectnn|shapenetpart|scannet-scenes ROOT DATA
       cd2p finetune TASK --init RUN ...      fine-tune (`cd2p finetune --help` lists the tasks)
       cd2p evaluate TASK --model M --data D  metrics, per-class table, plots
-      cd2p predict segmentation --model M SCAN.ply OUT.ply   your own scan
+      cd2p plot RUN                          a run's curves as RUN/metrics.png
+      cd2p predict TASK --model M SCAN OUT   your own scan (segmentation, detection)
+      cd2p embed --model M CLOUDS --out F    pre-trained features of your own clouds
       cd2p push RUN org/name                 the model and its card on the Hugging Face Hub
-      cd2p info                              versions, devices and the geometry-ops backend
+      cd2p pull org/name                     a model into the Hugging Face cache
+      cd2p convert point-mae|clipcap ...     other checkpoints as cd2p / safetensors models
+
+    Ctrl-C or SIGTERM during pretrain / finetune writes a checkpoint and prints the
+    --resume command.
     """
 
 

@@ -27,7 +27,8 @@ class Cd2pError(click.ClickException):
     """An error the user can fix; printed without a traceback."""
 
     def show(self, file: Any = None) -> None:  # noqa: ARG002
-        err_console.print(f"[bold red]error:[/] {self.format_message()}")
+        # One complete line, never wrapped (a log file or a narrow terminal).
+        err_console.print(f"[bold red]error:[/] {self.format_message()}", soft_wrap=True)
 
 
 def user_errors(func: Callable) -> Callable:
