@@ -91,11 +91,10 @@ def evaluate(
                     point accuracy, per-class IoU table and a confusion-matrix PNG; under
                     torchrun the scenes are split over the processes.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     from cd2p.engine import distributed as D
     from cd2p.engine.evaluation import default_split
     from cd2p.engine.evaluation import evaluate as run_evaluate
+    from cd2p.engine.progress import progress_reporter
     from cd2p.tasks import get_task
 
     spec = get_task(task)
@@ -111,15 +110,10 @@ def evaluate(
     D.init_distributed(device)
     model = cls.from_pretrained(model_id).to(resolve_device(device))
     loaded = spec.load_split(data, split)
-    with Progress(
-        TextColumn("[bold]evaluate"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(spec.item_name),
-        console=console,
-        disable=not is_main_process(),
-    ) as bar:
-        job = bar.add_task("", total=len(loaded))
+    # A bar on a terminal, plain progress lines in a log file (a cluster job's output).
+    with progress_reporter(
+        console, "evaluate", len(loaded), spec.item_name, enabled=is_main_process()
+    ) as advance:
         report = run_evaluate(
             task,
             model,
@@ -127,7 +121,7 @@ def evaluate(
             votes,
             num_points=num_points,
             batch_size=batch_size,
-            progress=lambda n: bar.advance(job, n),
+            progress=advance,
         )
     if not is_main_process():
         D.cleanup()
