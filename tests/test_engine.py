@@ -314,6 +314,7 @@ def test_tensorboard_and_offline_wandb_hold_every_logged_metric(tmp_path: Path, 
     by_step = {}
     for row in rows:
         by_step.setdefault(row["_step"], {}).update(row)
+    assert {r["step"] for r in train} <= set(by_step), rows
     for record in train:
         assert by_step[record["step"]]["train/loss"] == pytest.approx(record["loss"])
         assert by_step[record["step"]]["train/lr"] == pytest.approx(record["lr"])
