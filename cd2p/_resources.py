@@ -28,5 +28,12 @@ def recipe_path(name_or_path: str | Path) -> Path:
     shipped = recipes_dir() / (path.name if path.suffix else f"{path.name}.yaml")
     if shipped.is_file():
         return shipped
-    known = ", ".join(sorted(p.stem for p in recipes_dir().glob("*.yaml")))
-    raise FileNotFoundError(f"recipe {str(name_or_path)!r} not found; shipped recipes: {known}")
+    from cd2p.catalog import closest_recipe
+
+    close = closest_recipe(str(name_or_path))
+    if close is not None:
+        hint = f"did you mean {close!r}? (`cd2p recipes` lists the shipped ones)"
+    else:
+        known = ", ".join(sorted(p.stem for p in recipes_dir().glob("*.yaml")))
+        hint = f"shipped recipes: {known}"
+    raise FileNotFoundError(f"recipe {str(name_or_path)!r} not found (no such file); {hint}")

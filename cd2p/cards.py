@@ -258,6 +258,7 @@ def card_metadata(context: Mapping[str, Any], base: ModelCardData) -> ModelCardD
                 dataset_split=(dataset or {}).get("split"),
                 metric_type=_norm(name),
                 metric_name=name,
+                # Machine-readable: the fraction as measured (the card's text shows percent).
                 metric_value=float(value),
             )
             for name, value in numeric.items()

@@ -74,6 +74,10 @@ class OptimConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = 10.0
+    # Gradient accumulation: every optimiser step sums the gradients of this many micro-batches
+    # of data.batch_size / (processes x accumulate_steps) samples, so data.batch_size stays the
+    # batch of one update (the same update as one large batch; BatchNorm statistics excepted).
+    accumulate_steps: int = 1
 
 
 @dataclass
@@ -100,6 +104,12 @@ class RunConfig:
     keep_checkpoints: int | None = 2
     # Run the task's evaluation every N epochs (and at the end); unused by pre-training.
     eval_every: int = 1
+    # Experiment trackers fed with every logged metric, on rank 0 (optional extras):
+    # "tensorboard" (RUN/tensorboard/) and "wandb" (Weights & Biases; WANDB_MODE=offline
+    # works without a network, RUN/wandb/).
+    loggers: tuple[Literal["tensorboard", "wandb"], ...] = ()
+    # The W&B project runs are logged to (the run is named after its directory).
+    wandb_project: str = "cd2p"
 
 
 @dataclass
@@ -407,6 +417,62 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str]) -> Recipe:
                 f"settings are in section {task_section(recipe.task)!r}"
             )
     return recipe
+
+
+# Settings that a resumed run may change (``cd2p pretrain|finetune --resume RUN --set ...``):
+# the length of the run, what it records and how it runs. Everything else would make the steps
+# already taken and the steps to come belong to two different runs.
+RESUMABLE_KEYS = (
+    "schedule.epochs",
+    "schedule.max_steps",
+    "data.num_workers",
+    "run.device",
+    "run.compile",
+    "run.log_every",
+    "run.checkpoint_every",
+    "run.keep_checkpoints",
+    "run.eval_every",
+    "run.loggers",
+    "run.wandb_project",
+)
+# Settings of the final evaluation only (after training): a resumed run may change them too.
+RESUMABLE_TASK_KEYS = ("votes", "eval_batch_size")
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def resume_changes(saved: Recipe, new: Recipe) -> list[str]:
+    """The settings ``new`` changes in a run saved with ``saved`` (``"key: old -> new"``).
+
+    Raises :class:`RecipeError` naming the first change a resumed run cannot make, and why:
+    only the run's length (``schedule.epochs``, ``schedule.max_steps``), what it records and
+    how it runs (:data:`RESUMABLE_KEYS`), and the final evaluation's ``votes`` /
+    ``eval_batch_size`` may change.
+    """
+    before, after = _flat(to_dict(saved)), _flat(to_dict(new))
+    section = task_section(saved.task)
+    allowed = set(RESUMABLE_KEYS) | {f"{section}.{k}" for k in RESUMABLE_TASK_KEYS}
+    changes = []
+    for key in before:
+        if before[key] == after.get(key):
+            continue
+        if key not in allowed:
+            raise RecipeError(
+                f"--set {key}: a resumed run cannot change {key} ({before[key]!r} -> "
+                f"{after.get(key)!r}): the steps already taken used {before[key]!r}, so the "
+                "run would no longer be one run. A resumed run may change only "
+                + ", ".join(sorted(allowed))
+                + "; start a new run for anything else (e.g. --init RUN/model)"
+            )
+        changes.append(f"{key}: {before[key]!r} -> {after.get(key)!r}")
+    return changes
 
 
 def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:

@@ -80,6 +80,15 @@ def find_local_teacher_weights() -> tuple[Path, Path] | None:
 
     Only looks at the local cache (``try_to_load_from_cache``): never touches the network.
     """
+    clip, clipcap = local_teacher_weight_files()
+    if clip is None or clipcap is None:
+        return None
+    return clip, clipcap
+
+
+def local_teacher_weight_files() -> tuple[Path | None, Path | None]:
+    """``(CLIP file, ClipCap file)`` found in the local Hugging Face cache, each or None
+    (``cd2p info`` reports them). Never touches the network."""
     import open_clip
     from huggingface_hub import try_to_load_from_cache
 
@@ -98,9 +107,7 @@ def find_local_teacher_weights() -> tuple[Path, Path] | None:
             clip = Path(found)
             break
     clipcap = try_to_load_from_cache(CLIPCAP_REPO_ID, CLIPCAP_FILENAME)
-    if clip is None or not isinstance(clipcap, str):
-        return None
-    return clip, Path(clipcap)
+    return clip, (Path(clipcap) if isinstance(clipcap, str) else None)
 
 
 def _prepare_workdir(workdir: Path) -> None:

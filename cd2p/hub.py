@@ -31,7 +31,7 @@ from safetensors import safe_open
 from torch import nn
 
 from cd2p._atomic import atomic_directory
-from cd2p.models.hub import CONFIG_NAME, WEIGHTS_NAME
+from cd2p.models.hub import CONFIG_NAME, WEIGHTS_NAME, check_local_path
 
 # Key of the safetensors metadata where `cd2p convert` records a model's origin.
 CONVERTED_FROM_KEY = "cd2p_converted_from"
@@ -72,6 +72,7 @@ def model_class(kind: str) -> type[nn.Module]:
 
 def read_config(repo_id_or_dir: str | Path, **hub_kwargs: Any) -> dict[str, Any]:
     """``config.json`` of a local model directory or a Hub repo (through the HF cache)."""
+    check_local_path(repo_id_or_dir)
     if Path(repo_id_or_dir).is_dir():
         path = Path(repo_id_or_dir) / CONFIG_NAME
         if not path.is_file():

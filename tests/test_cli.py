@@ -67,3 +67,56 @@ def test_resume_and_out_must_name_the_same_run(tmp_path):
     assert resumed_run_dir(tmp_path / "." / "run", run) == run
     with pytest.raises(click.UsageError, match="different directories"):
         resumed_run_dir(tmp_path / "other", run)
+
+
+def test_help_workflow_lists_every_main_command():
+    result = CliRunner().invoke(main, ["--help"])
+    workflow = result.output.split("Typical workflow:")[1].split("Options:")[0]
+    for name in main.commands:
+        assert f"cd2p {name}" in workflow, name
+
+
+def test_recipes_list_show_and_closest_name():
+    from cd2p.catalog import shipped_recipes
+
+    runner = CliRunner()
+    listed = runner.invoke(main, ["recipes"])
+    assert listed.exit_code == 0, listed.output
+    for info in shipped_recipes():
+        assert info.about and info.description and info.paper and info.hardware, info.name
+        assert info.name in listed.output
+    assert "ModelNet40 OA 92.71" in listed.output  # the paper result pretrain-scannet reproduces
+    gpu = {i.name for i in shipped_recipes() if i.meant_for_gpus}
+    assert {"pretrain-scannet", "finetune-scannet-det", "finetune-modelnet40"} <= gpu
+    assert not any("synthetic" in name or name == "demo" for name in gpu)
+    shown = runner.invoke(main, ["recipes", "show", "finetune-scannet-seg"])
+    assert shown.exit_code == 0 and "segmentation:" in shown.output
+    typo = runner.invoke(main, ["recipes", "show", "pretrain-scanet"])
+    assert typo.exit_code != 0 and "did you mean 'pretrain-scannet'" in typo.output
+    from cd2p.config import load_recipe
+
+    with pytest.raises(FileNotFoundError, match="did you mean 'finetune-modelnet40'"):
+        load_recipe("finetune-modelnet")
+
+
+def test_info_says_whether_the_teacher_weights_are_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    result = CliRunner().invoke(main, ["info"])
+    assert result.exit_code == 0
+    assert "CLIP weights" in result.output and "ClipCap weights" in result.output
+    assert "not in the local cache" in result.output
+
+
+def test_license_matches_what_the_package_and_the_cards_declare():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    license_text = (root / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert 'license = { text = "Apache-2.0" }' in (root / "pyproject.toml").read_text()
+    from cd2p import Cd2pBackbone
+
+    card = str(Cd2pBackbone(dim=32, depth=1, num_heads=2).generate_model_card())
+    assert "license: apache-2.0" in card and "arXiv:2212.08974" in card
+    readme = (root / "README.md").read_text()
+    assert "arXiv:2212.08974" in readme and "Yao, Yuan and Zhang, Yuanhan" in readme

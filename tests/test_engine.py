@@ -245,3 +245,219 @@ def test_plot_and_sparkline(tmp_path: Path) -> None:
     assert len(sparkline(list(range(100)), width=20)) == 20
     bad = CliRunner().invoke(main, ["plot", str(tmp_path)])
     assert bad.exit_code != 0 and "metrics.jsonl" in bad.output
+
+
+# -- watching a run, interrupts, extensions, accumulation --------------------------------------
+
+
+def _wandb_history(run_dir: Path) -> list[dict]:
+    """The ``history`` rows of an offline W&B run, read from its ``.wandb`` transaction log
+    (LevelDB's log format: 32 KiB blocks of records with a 7-byte header ``crc, length, type``,
+    after W&B's 7-byte file header ``:W&B``, magic, version)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    records, pending, offset, block = [], b"", 7, 32768
+    while offset + 7 <= len(data):
+        left = block - offset % block
+        if left < 7:  # a block's tail too short for a header is padding
+            offset += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
+        if kind == 0 and length == 0:
+            offset += left
+            continue
+        chunk = data[offset + 7 : offset + 7 + length]
+        offset += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # FULL/FIRST, MIDDLE/LAST
+        if kind in (1, 4):
+            records.append(pending)
+    rows = []
+    for raw in records:
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            items = record.history.item
+            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
+    return rows
+
+
+def test_tensorboard_and_offline_wandb_hold_every_logged_metric(tmp_path: Path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    data = Clouds()
+    probe = {"points": data.points, "target": data.target}
+    r = recipe("run.loggers=[tensorboard, wandb]", "run.eval_every=2")
+    seed_everything(0)
+    Trainer(TinyNet(), data, r, tmp_path / "run", prepare_batch=augment, progress=False,
+            evaluate=lambda m: {"mse": m(probe)["loss"].item()}).fit()  # fmt: skip
+    train = read_metrics(tmp_path / "run", "train")
+    evals = read_metrics(tmp_path / "run", "eval")
+    assert len(train) == 12 and len(evals) == 2
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    for key in ("loss", "loss_mse", "lr", "grad_norm", "samples_per_s"):
+        logged = [(e.step, e.value) for e in events.Scalars(f"train/{key}")]
+        assert logged == [(t["step"], pytest.approx(t[key], rel=1e-6)) for t in train], key
+    assert [(e.step, e.value) for e in events.Scalars("eval/mse")] == [
+        (e["step"], pytest.approx(e["mse"], rel=1e-6)) for e in evals
+    ]
+
+    rows = _wandb_history(tmp_path / "run")
+    by_step = {}
+    for row in rows:
+        by_step.setdefault(row["_step"], {}).update(row)
+    assert {r["step"] for r in train} <= set(by_step), rows
+    for record in train:
+        assert by_step[record["step"]]["train/loss"] == pytest.approx(record["loss"])
+        assert by_step[record["step"]]["train/lr"] == pytest.approx(record["lr"])
+    for record in evals:
+        assert by_step[record["step"]]["eval/mse"] == pytest.approx(record["mse"])
+    saved_id = json.loads((tmp_path / "run" / "wandb-run.json").read_text())["id"]
+    assert saved_id in next((tmp_path / "run" / "wandb").glob("offline-run-*")).name
+
+
+def test_a_log_file_gets_one_complete_line_per_logged_step(tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    console = Console(file=out, width=40)  # not a terminal, and narrower than a line
+    data = Clouds()
+    probe = {"points": data.points, "target": data.target}
+    seed_everything(0)
+    Trainer(TinyNet(), data, recipe("run.eval_every=2"), tmp_path / "run", prepare_batch=augment,
+            console=console, evaluate=lambda m: {"mse": m(probe)["loss"].item()}).fit()  # fmt: skip
+    lines = out.getvalue().splitlines()
+    steps = [r["step"] for r in read_metrics(tmp_path / "run", "train")]
+    train_lines = [line for line in lines if line.startswith("train step ")]
+    assert [int(line.split()[2].split("/")[0]) for line in train_lines] == steps
+    for line in train_lines:  # complete: every field on the one line, never cut at 40 columns
+        assert "/24 (" in line and "loss " in line and "lr " in line and line.endswith(
+            tuple("0123456789")
+        ) and "samples/s" in line and "eta " in line
+    eval_lines = [line for line in lines if line.startswith("eval  step ")]
+    assert len(eval_lines) == 2 and "mse " in eval_lines[0]
+    assert not any("━" in line for line in lines)  # no progress bar in a log file
+
+
+def test_sigint_writes_a_checkpoint_and_the_run_resumes_bit_identically(tmp_path: Path) -> None:
+    import io
+    import os
+    import signal
+
+    from rich.console import Console
+
+    from cd2p.engine import TrainingInterrupted
+
+    r = recipe()
+    full_model, full = train(tmp_path / "full", r)
+
+    def interrupt_at_step_10(batch, ctx):
+        if ctx.step == 10:  # Ctrl-C while step 10 is running: it completes, then the run stops
+            os.kill(os.getpid(), signal.SIGINT)
+        return augment(batch, ctx)
+
+    out = io.StringIO()
+    seed_everything(r.run.seed)
+    trainer = Trainer(TinyNet(), Clouds(), r, tmp_path / "cut", prepare_batch=interrupt_at_step_10,
+                      console=Console(file=out, width=60), resume_hint="cd2p x --resume RUN")
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        trainer.fit()
+    assert signal.getsignal(signal.SIGINT) is handler  # the handlers are restored
+    assert (stopped.value.step, stopped.value.signal_name, stopped.value.exit_code) == (
+        11, "SIGINT", 130
+    )
+    assert latest_checkpoint(tmp_path / "cut").name == "step-00000011"
+    assert "Continue with: cd2p x --resume RUN" in out.getvalue()
+    resumed_model, resumed = train(tmp_path / "cut", r, resume=True)
+    assert resumed.resumed_from == 11 and resumed.completed
+    full_state = full_model.state_dict()
+    for key, value in resumed_model.state_dict().items():
+        assert torch.equal(value, full_state[key]), key
+    assert resumed.weights_sha256 == full.weights_sha256
+
+
+def test_a_finished_run_is_extended_by_a_longer_schedule(tmp_path: Path) -> None:
+    r = recipe()
+    _, first = train(tmp_path / "run", r)
+    assert first.completed and first.step == 24
+    longer = apply_overrides(r, ["schedule.epochs=6"])
+    model, extended = train(tmp_path / "run", longer, resume=True)
+    assert extended.completed and (extended.resumed_from, extended.step) == (24, 36)
+    records = read_metrics(tmp_path / "run", "train")
+    assert [rec["step"] for rec in records] == list(range(2, 37, 2))
+    # The 12 new steps follow the cosine of the 36-step run (warm-up 6 steps), to min_lr.
+    for rec in records[12:]:
+        expected = lr_at(rec["step"] - 1, 0.01, r.schedule.min_lr, 36, 6)
+        assert rec["lr"] == pytest.approx(expected)
+    assert records[-1]["lr"] == pytest.approx(r.schedule.min_lr)
+    with pytest.raises(ValueError, match="beyond the 36 steps|cannot be shortened"):
+        train(tmp_path / "run", apply_overrides(r, ["schedule.epochs=2"]), resume=True)
+
+
+def test_resume_changes_allow_the_length_and_refuse_the_rest() -> None:
+    from cd2p.config import RecipeError, resume_changes
+
+    saved = recipe()
+    assert resume_changes(saved, apply_overrides(saved, ["schedule.epochs=9"])) == [
+        "schedule.epochs: 4 -> 9"
+    ]
+    assert resume_changes(saved, apply_overrides(saved, ["run.loggers=[tensorboard]"]))
+    with pytest.raises(RecipeError, match="cannot change optim.lr .*steps already taken"):
+        resume_changes(saved, apply_overrides(saved, ["optim.lr=0.5"]))
+    with pytest.raises(RecipeError, match="cannot change data.batch_size"):
+        resume_changes(saved, apply_overrides(saved, ["data.batch_size=4"]))
+
+
+class LinearNet(nn.Module):
+    """A model whose loss is a per-sample mean (no BatchNorm, no dropout): accumulating
+    equal micro-batches must give exactly the large batch's gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        pred = self.net(batch["points"]).mean(dim=1)
+        return {"loss": nn.functional.mse_loss(pred, batch["target"])}
+
+
+def test_accumulated_micro_batches_give_the_large_batch_update(tmp_path: Path) -> None:
+    from cd2p.engine.trainer import split_batch
+
+    weights = []
+    for accumulate in (1, 4):
+        r = recipe(f"optim.accumulate_steps={accumulate}", "schedule.epochs=2")
+        seed_everything(0)
+        model = LinearNet()
+        result = Trainer(model, Clouds(), r, tmp_path / f"acc{accumulate}", prepare_batch=augment,
+                         progress=False).fit()  # fmt: skip
+        assert result.step == 12
+        weights.append(model.state_dict())
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6)
+    losses = [read_metrics(tmp_path / f"acc{a}", "train")[-1]["loss"] for a in (1, 4)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    parts = split_batch({"x": torch.arange(8), "names": list("abcdefgh"), "k": 3}, 4)
+    assert [p["names"] for p in parts][1] == ["c", "d"] and parts[3]["x"].tolist() == [6, 7]
+    assert parts[0]["k"] == 3
+    with pytest.raises(ValueError, match="accumulate_steps"):
+        Trainer(LinearNet(), Clouds(), recipe("optim.accumulate_steps=3"), tmp_path / "bad")
+
+
+def test_cpu_loader_workers_never_exceed_the_cores() -> None:
+    from cd2p.engine.trainer import loader_workers, usable_cores
+
+    assert loader_workers(64, torch.device("cpu")) <= usable_cores() - 1
+    assert loader_workers(0, torch.device("cpu")) == 0
+    assert loader_workers(64, torch.device("cuda")) == 64

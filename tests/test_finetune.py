@@ -18,6 +18,7 @@ from cd2p.data.synthetic_shapes import synthetic_modelnet40, synthetic_shapenetp
 from cd2p.engine.finetune import build_task_model, load_backbone, run_finetune
 from cd2p.engine.linear_probe import fit_linear_classifier, run_linear_probe
 from cd2p.engine.metrics import PartSegMeter
+from cd2p.engine.metrics_log import read_metrics
 from cd2p.models.partseg import default_feature_blocks
 from cd2p.tasks.classification import classification_logits
 from cd2p.tasks.classification import vote_view as _vote_view
@@ -137,6 +138,28 @@ def test_linear_classifier_and_probe(tmp_path, shapes):
     # Even random features separate the primitives better than chance (1/8).
     assert result.metrics["oa"] > 0.25
 
+    # The probe exports a model that evaluate, plot and push (dry run) take like any run.
+    run = tmp_path / "probe"
+    model = Cd2pForClassification.from_pretrained(run / "model")
+    assert model.head_type == "linear-probe" and not hasattr(model, "cls_token")
+    runner = CliRunner()
+    evaluated = runner.invoke(main, ["evaluate", "classification", "--model", str(run / "model"),
+                                     "--data", str(shapes), "--out", str(run / "eval")])
+    assert evaluated.exit_code == 0, evaluated.output
+    again = json.loads((run / "eval" / "metrics.json").read_text())
+    assert again["oa"] == saved["oa"] and again["macc"] == saved["macc"]
+    assert saved["metric_descriptions"]["oa"].startswith("overall accuracy, one view per shape")
+    assert "predictions" in saved["confusion_matrix_of"]
+    plotted = runner.invoke(main, ["plot", str(run)])
+    assert plotted.exit_code == 0 and (run / "metrics.png").is_file(), plotted.output
+    pushed = runner.invoke(main, ["push", str(run), "org/cd2p-probe", "--dry-run",
+                                  str(tmp_path / "upload")])  # fmt: skip
+    assert pushed.exit_code == 0, pushed.output
+    uploaded = {p.name for p in (tmp_path / "upload").iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "metrics.json"} <= uploaded
+    card = (tmp_path / "upload" / "README.md").read_text()
+    assert "linear probe" in card
+
 
 def test_classification_learns_and_evaluate_reproduces_it(tmp_path, shapes):
     # Measured: OA 0.775 (0.75 with 2 votes) on 40 test shapes after 8 epochs; chance 0.125.
@@ -206,3 +229,73 @@ def test_interrupted_finetune_resumes_to_the_same_model(tmp_path, shapes):
     assert all(torch.equal(ref[k], got[k]) for k in ref)
     saved = json.loads((tmp_path / "part" / "metrics.json").read_text())
     assert saved["oa"] == whole.metrics["oa"]
+
+
+def test_a_finished_finetune_is_extended_and_inconsistent_sets_are_refused(tmp_path, shapes):
+    sets = [*TINY_SETS, "data.batch_size=16", "schedule.epochs=1", "schedule.warmup_epochs=0",
+            "finetune.votes=1", "finetune.head_channels=[32]", "data.num_workers=0"]  # fmt: skip
+    recipe = load_recipe("finetune-synthetic-shapes", sets)
+    first = run_finetune("classification", recipe, shapes, None, tmp_path / "run", progress=False)
+    assert first.run.completed and first.run.step == 6
+    runner = CliRunner()
+    args = ["finetune", "classification", "--resume", str(tmp_path / "run"), "--no-progress"]
+    refused = runner.invoke(main, [*args, "--set", "optim.lr=0.1"])
+    assert refused.exit_code != 0 and "cannot change optim.lr" in refused.output
+    assert "Traceback" not in refused.output
+    extended = runner.invoke(main, [*args, "--set", "schedule.epochs=3"])
+    assert extended.exit_code == 0, extended.output
+    steps = [r["step"] for r in read_metrics(tmp_path / "run", "train")]
+    assert steps[-1] == 18 and "schedule.epochs: 1 -> 3" in extended.output
+    assert "epochs: 3" in (tmp_path / "run" / "recipe.yaml").read_text()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["best_step"] in (6, 12, 18)
+
+
+def test_sigterm_during_finetune_leaves_a_checkpoint_and_prints_the_resume_command(
+    tmp_path, shapes
+):
+    """A cluster's time limit (SIGTERM) in the middle of `cd2p finetune`: the step finishes, a
+    checkpoint is written, the exact --resume command is printed, and it resumes exactly."""
+    import os
+    import signal
+    import threading
+    import time
+
+    sets = [*TINY_SETS, "data.batch_size=8", "schedule.epochs=4", "finetune.votes=1",
+            "finetune.head_channels=[32]", "data.num_workers=0", "run.log_every=1"]  # fmt: skip
+    recipe = load_recipe("finetune-synthetic-shapes", sets)
+    whole = run_finetune("classification", recipe, shapes, None, tmp_path / "whole", progress=False)
+    run = tmp_path / "run"
+    log = run / "metrics.jsonl"
+
+    def send_sigterm_after_the_first_steps():
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if log.is_file() and log.read_text().count('"train"') >= 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.005)
+
+    late = []  # a signal outside training must fail this test, not kill pytest
+    previous = signal.signal(signal.SIGTERM, lambda *_: late.append(True))
+    watcher = threading.Thread(target=send_sigterm_after_the_first_steps, daemon=True)
+    watcher.start()
+    args = ["finetune", "classification", "--recipe", "finetune-synthetic-shapes",
+            *[a for s in sets for a in ("--set", s)], "--data", str(shapes), "--out", str(run),
+            "--no-progress"]  # fmt: skip
+    try:
+        stopped = CliRunner().invoke(main, args)
+        watcher.join()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not late
+    assert stopped.exit_code == 143, stopped.output
+    assert f"cd2p finetune classification --resume {run}" in stopped.output
+    step = max(r["step"] for r in read_metrics(run, "train"))
+    assert 2 <= step < 48 and (run / "checkpoints" / f"step-{step:08d}").is_dir()
+    resumed = CliRunner().invoke(main, ["finetune", "classification", "--resume", str(run),
+                                        "--no-progress"])  # fmt: skip
+    assert resumed.exit_code == 0, resumed.output
+    ref = Cd2pForClassification.from_pretrained(tmp_path / "whole" / "model").state_dict()
+    got = Cd2pForClassification.from_pretrained(run / "model").state_dict()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert json.loads((run / "metrics.json").read_text())["oa"] == whole.metrics["oa"]

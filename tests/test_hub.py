@@ -3,9 +3,11 @@ import shutil
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from cd2p import Cd2pBackbone
+from cd2p.cli import main
 from cd2p.models.hub import StrictLoadError
 
 SMALL = dict(dim=32, depth=2, num_heads=2, num_groups=8, group_size=8)
@@ -70,3 +72,33 @@ def test_load_by_repo_id_from_offline_cache(saved, tmp_path, monkeypatch):
     loaded = Cd2pBackbone.from_pretrained("org/cd2p-tiny", cache_dir=cache)
     pts = torch.rand(1, 128, 3)
     assert torch.equal(model(pts).tokens, loaded(pts).tokens)
+
+
+def test_a_missing_local_path_fails_at_once_without_asking_the_hub(tmp_path, monkeypatch):
+    """`./x`, `runs/x` (runs/ exists), absolute paths: "no such local directory", and the Hub
+    is never asked (it would retry a non-existent repo for half a minute, blaming the network)."""
+    import huggingface_hub
+
+    import cd2p
+    import cd2p.hub
+    import cd2p.models.hub
+    from cd2p.engine.finetune import load_backbone
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked about a local path")
+
+    for module in (huggingface_hub, cd2p.hub, cd2p.models.hub):
+        monkeypatch.setattr(module, "hf_hub_download", no_hub, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for name in ("./model", "runs/mn40", str(tmp_path / "gone"), "runs/mn40/model"):
+        for load in (cd2p.from_pretrained, cd2p.Cd2pBackbone.from_pretrained, load_backbone):
+            with pytest.raises(FileNotFoundError, match="no such local directory"):
+                load(name)
+    runner = CliRunner()
+    result = runner.invoke(main, ["evaluate", "classification", "--model", "runs/mn40",
+                                  "--data", str(tmp_path)])  # fmt: skip
+    assert result.exit_code != 0 and "runs/mn40: no such local directory" in result.output
+    from cd2p.models.hub import check_local_path
+
+    check_local_path("org/name")  # a Hub id (no local org/ directory) is left to the Hub

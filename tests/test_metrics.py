@@ -80,3 +80,16 @@ def test_confusion_png_is_written(tmp_path):
     conf = confusion_matrix(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), 2)
     path = plot_confusion_matrix(conf, ["a", "b"], tmp_path / "cm.png", "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_partseg_meter_reports_per_part_and_per_category_iou():
+    from cd2p.engine.metrics import PartSegMeter
+
+    meter = PartSegMeter([[0, 1], [2, 3, 4]], ["mug", "lamp"])
+    # mug shape: part 0 right on 2 of 3 points, part 1 half right; lamp: all right, part 4 absent
+    meter.update(torch.tensor([[0, 0, 1, 1]]), torch.tensor([[0, 0, 0, 1]]), torch.tensor([0]))
+    meter.update(torch.tensor([[2, 3, 3, 2]]), torch.tensor([[2, 3, 3, 2]]), torch.tensor([1]))
+    parts = {(r["category"], r["part"]): r["iou"] for r in meter.per_part()}
+    assert parts == {("mug", 0): 2 / 3, ("mug", 1): 1 / 2,
+                     ("lamp", 2): 1.0, ("lamp", 3): 1.0, ("lamp", 4): 1.0}  # fmt: skip
+    assert meter.per_category() == {"mug": (2 / 3 + 1 / 2) / 2, "lamp": 1.0}

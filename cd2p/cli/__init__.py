@@ -7,6 +7,7 @@ import click
 from cd2p import __version__
 from cd2p.cli.convert import convert
 from cd2p.cli.demo import demo
+from cd2p.cli.embed import embed
 from cd2p.cli.evaluate import evaluate
 from cd2p.cli.finetune import finetune
 from cd2p.cli.hub import pull, push
@@ -15,6 +16,7 @@ from cd2p.cli.plot import plot
 from cd2p.cli.predict import predict
 from cd2p.cli.prepare import prepare
 from cd2p.cli.pretrain import pretrain
+from cd2p.cli.recipes import recipes
 from cd2p.cli.synthetic import synthetic
 
 
@@ -25,16 +27,25 @@ def main() -> None:
 
     \b
     Typical workflow:
+      cd2p info                              versions, devices, ops backend, cached teacher
+      cd2p recipes [show NAME]               the shipped recipes and the paper result of each
+      cd2p demo                              the whole pipeline on synthetic data, offline
       cd2p synthetic scannet OUT             a small ScanNet-format dataset (offline demo/tests)
       cd2p prepare scannet ROOT OUT          ScanNet .sens RGB-D videos -> RGB/point-cloud pairs
       cd2p prepare teacher OUT               CLIP + ClipCap targets of the pairs, once
       cd2p pretrain --data OUT --out RUN     distillation pre-training (torchrun for many GPUs)
-      cd2p prepare scannet-scenes ROOT SC    ScanNet meshes -> labelled scenes and boxes
+      cd2p prepare modelnet40|scanobjectnn|shapenetpart|scannet-scenes ROOT DATA
       cd2p finetune TASK --init RUN ...      fine-tune (`cd2p finetune --help` lists the tasks)
       cd2p evaluate TASK --model M --data D  metrics, per-class table, plots
-      cd2p predict segmentation --model M SCAN.ply OUT.ply   your own scan
+      cd2p plot RUN                          a run's curves as RUN/metrics.png
+      cd2p predict TASK --model M SCAN OUT   your own scan (segmentation, detection)
+      cd2p embed --model M CLOUDS --out F    pre-trained features of your own clouds
       cd2p push RUN org/name                 the model and its card on the Hugging Face Hub
-      cd2p info                              versions, devices and the geometry-ops backend
+      cd2p pull org/name                     a model into the Hugging Face cache
+      cd2p convert point-mae|clipcap ...     other checkpoints as cd2p / safetensors models
+
+    Ctrl-C or SIGTERM during pretrain / finetune writes a checkpoint and prints the
+    --resume command.
     """
 
 
@@ -47,6 +58,8 @@ main.add_command(pretrain)
 main.add_command(finetune)
 main.add_command(evaluate)
 main.add_command(predict)
+main.add_command(embed)
 main.add_command(synthetic)
 main.add_command(plot)
+main.add_command(recipes)
 main.add_command(demo)

@@ -27,7 +27,8 @@ class Cd2pError(click.ClickException):
     """An error the user can fix; printed without a traceback."""
 
     def show(self, file: Any = None) -> None:  # noqa: ARG002
-        err_console.print(f"[bold red]error:[/] {self.format_message()}")
+        # One complete line, never wrapped (a log file or a narrow terminal).
+        err_console.print(f"[bold red]error:[/] {self.format_message()}", soft_wrap=True)
 
 
 def user_errors(func: Callable) -> Callable:
@@ -42,6 +43,25 @@ def user_errors(func: Callable) -> Callable:
                 raise
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             raise Cd2pError(str(message)) from exc
+
+    return wrapper
+
+
+def interruptible(func: Callable) -> Callable:
+    """A training command stopped by SIGINT / SIGTERM: the trainer has written a checkpoint and
+    printed the ``--resume`` command; exit with the shell's code for the signal (130 / 143)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from cd2p.engine.trainer import TrainingInterrupted
+
+        try:
+            return func(*args, **kwargs)
+        except TrainingInterrupted as exc:
+            from cd2p.engine import distributed as D
+
+            D.cleanup()
+            sys.exit(exc.exit_code)
 
     return wrapper
 
@@ -72,7 +92,8 @@ run_out_option = click.option("--out", type=OUTPUT_DIR, help="New run directory.
 resume_option = click.option(
     "--resume",
     type=EXISTING_DIR,
-    help="Continue the run in this directory from its latest checkpoint.",
+    help="Continue the run in this directory from its latest checkpoint (also a finished "
+    "run: extend it with --set schedule.epochs=N).",
 )
 
 

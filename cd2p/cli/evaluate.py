@@ -91,11 +91,10 @@ def evaluate(
                     point accuracy, per-class IoU table and a confusion-matrix PNG; under
                     torchrun the scenes are split over the processes.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     from cd2p.engine import distributed as D
     from cd2p.engine.evaluation import default_split
     from cd2p.engine.evaluation import evaluate as run_evaluate
+    from cd2p.engine.progress import progress_reporter
     from cd2p.tasks import get_task
 
     spec = get_task(task)
@@ -111,15 +110,10 @@ def evaluate(
     D.init_distributed(device)
     model = cls.from_pretrained(model_id).to(resolve_device(device))
     loaded = spec.load_split(data, split)
-    with Progress(
-        TextColumn("[bold]evaluate"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(spec.item_name),
-        console=console,
-        disable=not is_main_process(),
-    ) as bar:
-        job = bar.add_task("", total=len(loaded))
+    # A bar on a terminal, plain progress lines in a log file (a cluster job's output).
+    with progress_reporter(
+        console, "evaluate", len(loaded), spec.item_name, enabled=is_main_process()
+    ) as advance:
         report = run_evaluate(
             task,
             model,
@@ -127,7 +121,7 @@ def evaluate(
             votes,
             num_points=num_points,
             batch_size=batch_size,
-            progress=lambda n: bar.advance(job, n),
+            progress=advance,
         )
     if not is_main_process():
         D.cleanup()
@@ -148,6 +142,20 @@ def evaluate(
                 cells.append(_pct(row[f"{key}_vote"]))
         table.add_row(*cells)
     console.print(table)
+    per_part = report.extra.get("per_part")
+    if per_part:
+        parts = Table(title="per-part IoU (mean over the shapes of its category)",
+                      title_justify="left")  # fmt: skip
+        for header in ("category", "part", "shapes", "IoU %"):
+            parts.add_column(header, justify="left" if header == "category" else "right")
+        if "iou_vote" in per_part[0]:
+            parts.add_column("IoU % (vote)", justify="right")
+        for row in per_part:
+            cells = [str(row["category"]), str(row["part"]), str(row["shapes"]), _pct(row["iou"])]
+            if "iou_vote" in row:
+                cells.append(_pct(row["iou_vote"]))
+            parts.add_row(*cells)
+        console.print(parts)
     plain = [m for m in spec.headline if m.key in report.metrics and not m.key.endswith("_vote")]
     voting = [m for m in spec.headline if m.key in report.metrics and m.key.endswith("_vote")]
     line = "   ".join(f"{m.label} {_pct(report.metrics[m.key])} %" for m in plain)

@@ -9,6 +9,7 @@ import click
 from cd2p.cli._common import (
     EXISTING_DIR,
     console,
+    interruptible,
     is_main_process,
     key_value_table,
     overrides_option,
@@ -72,6 +73,7 @@ def _task_lines() -> str:
 @resume_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @user_errors
+@interruptible
 def finetune(
     task: str,
     recipe_arg: str | None,
@@ -98,6 +100,11 @@ def finetune(
 
     Under torchrun (`torchrun --nproc-per-node 8 -m cd2p finetune ...`) data.batch_size is
     the global batch; evaluation of scene tasks is split over the processes.
+
+    Ctrl-C or SIGTERM (a cluster's time limit) finishes the current step, writes a checkpoint
+    and prints the --resume command. `--resume RUN --set schedule.epochs=N` extends a
+    finished or interrupted run; only its length, what it records (run.*) and the final
+    evaluation's votes may change.
     """
     from cd2p.config import load_recipe
     from cd2p.engine import distributed as D
@@ -106,10 +113,11 @@ def finetune(
 
     spec = get_task(task)
     if resume is not None:
-        if recipe_arg or overrides or linear_probe or init or few_shot is not None:
+        if recipe_arg or linear_probe or init or few_shot is not None:
             raise click.UsageError(
                 "--resume continues with the run's saved settings: drop "
-                "--recipe/--set/--init/--linear-probe/--few-shot"
+                "--recipe/--init/--linear-probe/--few-shot (--set may change the run's "
+                "length, e.g. --set schedule.epochs=400)"
             )
         recipe, name, out = None, None, resumed_run_dir(out, resume)
     else:
@@ -129,6 +137,7 @@ def finetune(
         resume=resume is not None,
         progress=not no_progress,
         recipe_name=name,
+        overrides=overrides if resume is not None else (),
     )
     if is_main_process():
         table = key_value_table(f"cd2p finetune {task}: {out}")

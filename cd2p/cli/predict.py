@@ -65,7 +65,8 @@ def predict(
 
     \b
     segmentation: SCAN is a PLY (ScanNet's _vh_clean_2.ply or any PLY with vertices; ASCII
-                  or binary), .npy/.npz or .txt/.xyz (x y z [r g b]), with z up, in metres.
+                  or binary), a PCD (ascii, binary, binary_compressed), .npy/.npz or
+                  .txt/.xyz/.csv (x y z [r g b]), with z up, in metres.
                   OUT (.ply) gets every vertex coloured by its predicted class (ScanNet's
                   colours), a per-vertex 'label' property holding the predicted nyu40 id and
                   the scan's faces; OUT with .png is a top-down picture, beside the ground truth

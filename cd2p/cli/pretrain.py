@@ -9,6 +9,7 @@ import click
 from cd2p.cli._common import (
     EXISTING_DIR,
     console,
+    interruptible,
     is_main_process,
     key_value_table,
     overrides_option,
@@ -41,6 +42,7 @@ from cd2p.cli._common import (
     "--no-progress", is_flag=True, help="No progress bar (logs still go to metrics.jsonl)."
 )
 @user_errors
+@interruptible
 def pretrain(
     recipe_arg: str | None,
     data: tuple[Path, ...],
@@ -56,15 +58,22 @@ def pretrain(
       cd2p pretrain --recipe pretrain-scannet --data pairs/ --out runs/distill
       torchrun --nproc_per_node 8 -m cd2p pretrain --data pairs/ --out runs/distill
       cd2p pretrain --resume runs/distill
+      cd2p pretrain --resume runs/distill --set schedule.epochs=300   # extend a run
+
+    Ctrl-C or SIGTERM (a cluster's time limit) finishes the current step, writes a checkpoint
+    and prints the --resume command. A resumed run may change only its length
+    (schedule.epochs, schedule.max_steps), what it records and how it runs (run.*,
+    data.num_workers); the learning rate then follows the cosine of the new length.
     """
     from cd2p.config import load_recipe
     from cd2p.engine import distributed as D
     from cd2p.engine.pretrain import run_pretrain
 
     if resume is not None:
-        if recipe_arg or overrides:
+        if recipe_arg:
             raise click.UsageError(
-                "--resume continues with the run's saved recipe: drop --recipe/--set"
+                "--resume continues with the run's saved recipe: drop --recipe "
+                "(--set may change the run's length, e.g. --set schedule.epochs=300)"
             )
         recipe, name, out = None, None, resumed_run_dir(out, resume)
     else:
@@ -79,6 +88,7 @@ def pretrain(
         resume=resume is not None,
         progress=not no_progress,
         recipe_name=name,
+        overrides=overrides if resume is not None else (),
     )
     if is_main_process():
         run = result.run

@@ -55,6 +55,10 @@ class EvalReport:
     # What the task's pictures need beyond the numbers (e.g. a few scenes and their boxes);
     # not written to metrics.json.
     visuals: dict[str, Any] = field(default_factory=dict, repr=False)
+    # What each metric is, in words (single view or voted, over what), and which predictions
+    # the confusion matrix counts: written to metrics.json so that a number is never ambiguous.
+    descriptions: dict[str, str] = field(default_factory=dict)
+    confusion_of: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -65,8 +69,15 @@ class EvalReport:
             "per_class": self.per_class,
             **self.extra,
         }
+        if self.descriptions:
+            out["metric_descriptions"] = {
+                k: v for k, v in self.descriptions.items() if k in self.metrics
+            }
+        out["units"] = "metrics are fractions in [0, 1] (x 100 for percent)"
         if self.confusion is not None:
             out["confusion_matrix"] = self.confusion.tolist()
+            if self.confusion_of:
+                out["confusion_matrix_of"] = self.confusion_of
         return out
 
 

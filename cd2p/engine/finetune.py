@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,10 @@ from rich.console import Console
 from torch import nn
 
 from cd2p._atomic import atomic_directory, atomic_write_json
-from cd2p.config import Recipe, load_recipe
+from cd2p.config import Recipe, apply_overrides, load_recipe, resume_changes
 from cd2p.engine import distributed as D
 from cd2p.engine.evaluation import evaluate
+from cd2p.engine.progress import progress_reporter
 from cd2p.engine.trainer import RunResult, Trainer, check_run_dir, seed_everything
 from cd2p.models.backbone import Cd2pBackbone
 from cd2p.tasks import TaskSpec, get_task
@@ -62,6 +64,9 @@ class FinetuneResult:
 def load_backbone(init: str | Path) -> Cd2pBackbone:
     """A pre-trained backbone from a saved directory, a pre-training run (its ``backbone/``)
     or a Hub id."""
+    from cd2p.models.hub import check_local_path
+
+    check_local_path(init, "--init")
     path = Path(init)
     if path.is_dir() and (path / "backbone" / "config.json").is_file():
         path = path / "backbone"
@@ -126,19 +131,40 @@ def _dataset_card(spec: TaskSpec, data: Path, split: str) -> dict[str, str]:
 
 
 def _resume_settings(
-    task: str, recipe: Recipe | None, out: Path
-) -> tuple[Recipe, str, str | None, str | None]:
-    """The saved recipe, data, init and recipe name of the run in ``out``."""
+    task: str, recipe: Recipe | None, out: Path, overrides: Sequence[str] = ()
+) -> tuple[Recipe, str, str | None, str | None, list[str]]:
+    """The saved recipe (with ``overrides`` that keep the run consistent, e.g. a longer
+    ``schedule.epochs``), data, init and recipe name of the run in ``out``, and the changes."""
     info_path = out / RUN_INFO
     if not info_path.is_file() or not (out / "recipe.yaml").is_file():
         raise FileNotFoundError(f"{out} is not a cd2p fine-tuning run (no run.json/recipe.yaml)")
     saved = json.loads(info_path.read_text())
-    saved_recipe = load_recipe(out / "recipe.yaml")
-    if recipe is not None and recipe != saved_recipe:
-        raise ValueError(f"the recipe differs from {out / 'recipe.yaml'}; omit --recipe/--set")
     if saved["task"] != task:
         raise ValueError(f"{out} is a {saved['task']} run, not {task}")
-    return saved_recipe, saved["data"], saved.get("init"), saved.get("recipe_name")
+    saved_recipe = load_recipe(out / "recipe.yaml")
+    if recipe is not None and recipe != saved_recipe:
+        raise ValueError(
+            f"the recipe differs from {out / 'recipe.yaml'}; a resumed run keeps its recipe "
+            "(change its length with --set schedule.epochs=N)"
+        )
+    new_recipe = apply_overrides(saved_recipe, overrides)
+    changes = resume_changes(saved_recipe, new_recipe)
+    return new_recipe, saved["data"], saved.get("init"), saved.get("recipe_name"), changes
+
+
+def metric_formatter(spec: TaskSpec) -> Any:
+    """``metrics -> "OA 91.20 %  mAcc 88.10 %"`` with the task's labels, in percent."""
+    labels = {m.key: m.label for m in spec.headline}
+
+    def describe(metrics: dict[str, float]) -> str:
+        keys = [k for k in labels if k in metrics] or list(metrics)
+        return "  ".join(
+            f"{labels.get(k, k)} {100 * metrics[k]:.2f} %"
+            for k in keys
+            if isinstance(metrics[k], int | float)
+        )
+
+    return describe
 
 
 def run_finetune(
@@ -153,6 +179,7 @@ def run_finetune(
     recipe_name: str | None = None,
     stop_after: int | None = None,
     console: Console | None = None,
+    overrides: Sequence[str] = (),
 ) -> FinetuneResult:
     """Fine-tune a task model on a prepared dataset and export the best one to ``out/model``.
 
@@ -166,13 +193,24 @@ def run_finetune(
         out: the run directory (new or empty unless ``resume``).
         resume: continue the run in ``out`` from its latest checkpoint.
         stop_after: stop (with a checkpoint) after this many steps.
+        overrides: with ``resume``, ``section.key=value`` changes to the saved recipe that keep
+            the run consistent (``schedule.epochs=N`` extends it; others are refused with the
+            reason, see :func:`cd2p.config.resume_changes`).
+
+    SIGINT / SIGTERM write a checkpoint and raise
+    :class:`~cd2p.engine.trainer.TrainingInterrupted`.
     """
     spec = get_task(task)
     out = Path(out)
     console = console or Console(stderr=True)
+    changes: list[str] = []
     if resume:
-        saved_recipe, saved_data, init, saved_name = _resume_settings(task, recipe, out)
+        saved_recipe, saved_data, init, saved_name, changes = _resume_settings(
+            task, recipe, out, overrides
+        )
         recipe, data, recipe_name = saved_recipe, data or saved_data, recipe_name or saved_name
+    elif overrides:
+        raise ValueError("overrides are for a resumed run; apply them to the recipe instead")
     if recipe is None or data is None:
         raise ValueError("run_finetune needs a recipe and a prepared dataset")
     if recipe.task != task:
@@ -215,8 +253,13 @@ def run_finetune(
         )
     model_dir = out / MODEL_DIR
 
+    show = progress and dist.is_main
+
     def evaluate_val(module: nn.Module) -> dict[str, float]:
-        report = evaluate(task, module.model, val_data, 1, batch_size=cfg.eval_batch_size)
+        with progress_reporter(console, "eval", len(val_data), items, show) as advance:
+            report = evaluate(
+                task, module.model, val_data, 1, batch_size=cfg.eval_batch_size, progress=advance
+            )
         return dict(report.metrics)
 
     def on_best(module: nn.Module, metrics: dict[str, float]) -> None:
@@ -247,6 +290,8 @@ def run_finetune(
         )
         for note in notes:
             console.print(f"[yellow]note:[/] {note} (from the pre-trained backbone)")
+        for change in changes:
+            console.print(f"[yellow]resumed with[/] {change}")
     trainer = Trainer(
         spec.training_step(model, recipe),
         spec.train_dataset(recipe, train_data),
@@ -260,6 +305,8 @@ def run_finetune(
         on_best=on_best,
         progress=progress,
         console=console,
+        format_metrics=metric_formatter(spec),
+        resume_hint=f"cd2p finetune {task} --resume {out}",
     )
     result = trainer.fit(resume=resume, stop_after=stop_after)
 
@@ -268,7 +315,14 @@ def run_finetune(
         # Every rank evaluates (scene tasks shard the scenes over the ranks); rank 0 writes.
         best_model = spec.model_class.from_pretrained(str(model_dir)).to(trainer.device)
         votes = getattr(cfg, "votes", 1)  # a task without test-time votes has no such setting
-        report = evaluate(task, best_model, val_data, votes, batch_size=cfg.eval_batch_size)
+        label = "final evaluation" + (f" ({votes} votes)" if votes > 1 else "")
+        with progress_reporter(console, label, len(val_data), items, show) as advance:
+            report = evaluate(
+                task, best_model, val_data, votes, batch_size=cfg.eval_batch_size,
+                progress=advance,
+            )  # fmt: skip
+        if show:
+            console.print(f"{label}: {metric_formatter(spec)(report.metrics)}", soft_wrap=True)
         final = report.metrics
         best_step = (result.best or {}).get("step")
         training_card["best step"] = f"{best_step} of {result.total_steps}"

@@ -2,10 +2,14 @@
 frozen backbone's pooled features (``finetune.linear_probe: true``, ``cd2p finetune
 --linear-probe``).
 
-Run directory::
+Run directory (like a fine-tuning run's, so that ``cd2p evaluate``, ``cd2p push`` and
+``cd2p plot`` take it)::
 
     RUN/recipe.yaml     the recipe as run           RUN/metrics.json   final metrics
-    RUN/run.json        task, data, init            RUN/probe/         the fitted classifier
+    RUN/run.json        task, data, init            RUN/metrics.jsonl  the L-BFGS loss, the result
+    RUN/model/          a Cd2pForClassification (head_type "linear-probe"): the frozen
+                        backbone, the feature standardisation and the linear classifier
+    RUN/probe/probe.json  the L2 strength chosen and the held-out accuracy of each
 """
 
 from __future__ import annotations
@@ -15,10 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from cd2p._atomic import atomic_output, atomic_write_json
+from cd2p._atomic import atomic_write_json
 from cd2p.config import Recipe
 from cd2p.data.classification import (
     ClassificationSplit,
@@ -29,12 +32,16 @@ from cd2p.data.classification import (
 from cd2p.engine import distributed as D
 from cd2p.engine.finetune import (
     FINAL_METRICS,
+    MODEL_DIR,
     PROBE_DIR,
     RUN_INFO,
     FinetuneResult,
+    _dataset_card,
+    _hub_base_model,
+    export_model,
     load_backbone,
 )
-from cd2p.engine.metrics import confusion_matrix, mean_class_accuracy, overall_accuracy
+from cd2p.engine.metrics_log import MetricsLog
 from cd2p.engine.trainer import check_run_dir, seed_everything
 from cd2p.models.backbone import Cd2pBackbone
 
@@ -55,12 +62,18 @@ def pooled_features(
 
 
 def fit_linear_classifier(
-    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int = 300
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    l2: float,
+    max_iter: int = 300,
+    trace: list[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression, ``x (S, D)``, ``y (S,)`` -> ``W (D, C)``, ``b (C,)``.
 
     Minimises mean cross-entropy + ``l2 * |W|^2`` with full-batch L-BFGS (a convex problem:
-    the optimum does not depend on initialisation).
+    the optimum does not depend on initialisation). ``trace`` collects the objective at every
+    evaluation.
     """
     x, y = x.double(), y.long()
     w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
@@ -78,6 +91,8 @@ def fit_linear_classifier(
         opt.zero_grad()
         loss = F.cross_entropy(x @ w + b, y) + l2 * w.square().sum()
         loss.backward()
+        if trace is not None:
+            trace.append(float(loss.detach()))
         return loss
 
     with torch.enable_grad():
@@ -122,9 +137,14 @@ def run_linear_probe(
     standardised, then a linear (logistic-regression) classifier whose L2 strength is chosen
     on a held-out part of the training split; accuracy on ``finetune.val_split``.
 
-    Writes ``out/metrics.json`` and ``out/probe/`` (``classifier.safetensors`` with
-    ``weight (D, C)``, ``bias``, ``mean``, ``std``; ``probe.json``).
+    Exports ``out/model`` (a :class:`~cd2p.models.classification.Cd2pForClassification` with
+    ``head_type="linear-probe"``, so ``cd2p evaluate / push / plot`` take the run) and writes
+    ``out/metrics.json``, ``out/metrics.jsonl`` and ``out/probe/probe.json``. The metrics are
+    those of the exported model evaluated as ``cd2p evaluate`` does.
     """
+    from cd2p.engine.evaluation import evaluate
+    from cd2p.models.classification import Cd2pForClassification
+
     out, data = Path(out), Path(data).resolve()
     check_run_dir(out, resume=False)
     if recipe.task != "classification":
@@ -141,27 +161,55 @@ def run_linear_probe(
     else:
         seed_everything(recipe.run.seed)
         backbone = Cd2pBackbone(**recipe.model.backbone_kwargs())
-    backbone.num_groups, backbone.group_size = recipe.model.num_groups, recipe.model.group_size
-    backbone.to(D.resolve_device(recipe.run.device)).eval()
     n = recipe.data.num_points
-    x_train = pooled_features(backbone, train, n, cfg.eval_batch_size)
-    x_val = pooled_features(backbone, val, n, cfg.eval_batch_size)
+    per_task = {"num_groups": recipe.model.num_groups, "group_size": recipe.model.group_size}
+    model = Cd2pForClassification.from_backbone(
+        backbone, per_task, num_classes=train.num_classes, class_names=train.class_names,
+        num_points=n, head_channels=(), head_type="linear-probe",
+    )  # fmt: skip
+    del backbone
+    model.to(D.resolve_device(recipe.run.device)).eval()
+    x_train = pooled_features(model.backbone, train, n, cfg.eval_batch_size)
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
-    x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
+    x_train = (x_train - mean) / std
     l2, scores = choose_l2(x_train, train.labels, train.num_classes, recipe.run.seed)
-    w, b = fit_linear_classifier(x_train, train.labels, train.num_classes, l2)
-    conf = confusion_matrix((x_val @ w + b).argmax(-1), val.labels, val.num_classes)
+    trace: list[float] = []
+    w, b = fit_linear_classifier(x_train, train.labels, train.num_classes, l2, trace=trace)
+    with torch.no_grad():
+        model.feature_mean.copy_(mean)
+        model.feature_std.copy_(std)
+        model.head.weight.copy_(w.T)
+        model.head.bias.copy_(b)
     train_acc = float(((x_train @ w + b).argmax(-1) == train.labels).float().mean())
-    metrics = {
-        "oa": overall_accuracy(conf),
-        "macc": mean_class_accuracy(conf),
-        "train_oa": train_acc,
-    }
+    report = evaluate("classification", model, val, 1, batch_size=cfg.eval_batch_size)
+    metrics = {**report.metrics, "train_oa": train_acc}
+
     out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out)
+    try:
+        for i, loss in enumerate(trace, 1):  # the L-BFGS objective, one record per evaluation
+            log.write({"kind": "train", "step": i, "epoch": 0, "loss": loss})
+        log.write({"kind": "eval", "step": len(trace), "epoch": 0, **metrics})
+    finally:
+        log.close()
+    dataset_card = _dataset_card(get_task_spec(), data, cfg.val_split)
+    training_card = {
+        "task": "classification (linear probe)",
+        "recipe": recipe_name or recipe.description or "custom",
+        "initialised from": str(init) if init is not None else "scratch (random initialisation)",
+        "training data": f"{data} ({cfg.train_split}: {len(train)} shapes)",
+        "method": f"frozen backbone, max+mean-pooled tokens, logistic regression (L2 {l2:g}, "
+        "chosen on 20 % of the training shapes)",
+    }
+    if cfg.few_shot is not None:
+        training_card["few-shot"] = (
+            f"{cfg.few_shot} training shapes per class, drawn with seed {recipe.run.seed}"
+        )
+    base_model = _hub_base_model(str(init) if init else None)
+    export_model(model, out / MODEL_DIR, metrics=metrics, recipe=recipe, training=training_card,
+                 dataset=dataset_card, base_model=base_model)  # fmt: skip
     probe = out / PROBE_DIR
     probe.mkdir(exist_ok=True)
-    with atomic_output(probe / "classifier.safetensors") as tmp:
-        save_file({"weight": w.contiguous(), "bias": b, "mean": mean, "std": std}, str(tmp))
     atomic_write_json(
         probe / "probe.json",
         {
@@ -173,19 +221,21 @@ def run_linear_probe(
             "features": "max+mean of tokens",
             "few_shot": cfg.few_shot,
             "train_shapes": len(train),
+            "model": str(out / MODEL_DIR),
         },
     )
     atomic_write_json(
         out / FINAL_METRICS,
         {
-            "task": "linear-probe",
-            **metrics,
+            **report.to_json(),
+            "task": "classification",
+            "method": "linear-probe",
+            "train_oa": train_acc,
             "l2": l2,
             "split": cfg.val_split,
             "data": str(data),
             "few_shot": cfg.few_shot,
             "train_shapes": len(train),
-            "confusion_matrix": conf.tolist(),
         },
     )
     from cd2p.config import save_recipe
@@ -194,13 +244,21 @@ def run_linear_probe(
     atomic_write_json(
         out / RUN_INFO,
         {
-            "task": "linear-probe",
+            "task": "classification",
+            "method": "linear-probe",
             "data": str(data),
             "init": str(init) if init is not None else None,
             "recipe_name": recipe_name,
         },
     )
-    return FinetuneResult(None, None, metrics, None, recipe)
+    return FinetuneResult(None, out / MODEL_DIR, metrics, None, recipe)
+
+
+def get_task_spec():
+    """The classification task's table entry (its dataset names for the card)."""
+    from cd2p.tasks import get_task
+
+    return get_task("classification")
 
 
 __all__ = ["choose_l2", "fit_linear_classifier", "pooled_features", "run_linear_probe"]

@@ -130,6 +130,8 @@ class PartSegMeter:
     category_names: Sequence[str]
     shape_ious: list[float] = field(default_factory=list)
     shape_categories: list[int] = field(default_factory=list)
+    # part id -> that part's IoU in every shape of its category (absent from both: 1)
+    part_ious: dict[int, list[float]] = field(default_factory=dict)
     correct_points: int = 0
     total_points: int = 0
 
@@ -142,6 +144,8 @@ class PartSegMeter:
             c = int(categories[b])
             ious = shape_part_ious(pred[b], target[b], self.category_parts[c])
             self.shape_ious.append(float(ious.mean()))
+            for part, iou in zip(self.category_parts[c], ious.tolist(), strict=True):
+                self.part_ious.setdefault(int(part), []).append(iou)
             self.shape_categories.append(c)
 
     def per_category(self) -> dict[str, float]:
@@ -154,6 +158,18 @@ class PartSegMeter:
             if chosen.numel():
                 out[name] = float(chosen.mean())
         return out
+
+    def per_part(self) -> list[dict[str, float | int | str]]:
+        """Every part seen: ``category``, ``part`` (its id), ``shapes`` and ``iou``, the mean of
+        its IoU over the shapes of its category (a part absent from both counts 1)."""
+        rows = []
+        for c, name in enumerate(self.category_names):
+            for part in self.category_parts[c]:
+                values = self.part_ious.get(int(part))
+                if values:
+                    rows.append({"category": name, "part": int(part), "shapes": len(values),
+                                 "iou": sum(values) / len(values)})  # fmt: skip
+        return rows
 
     def compute(self) -> dict[str, float]:
         """``instance_miou``, ``class_miou`` and point ``accuracy`` (fractions in [0, 1])."""

@@ -85,12 +85,51 @@ def sparkline(values: Sequence[float], width: int = 40) -> str:
     return "".join(_SPARK[min(7, int((v - low) / span * 8))] for v in values)
 
 
+def _run_title(run_dir: Path) -> tuple[str, bool]:
+    """``"<run> · recipe <name> · <task>"`` from the run's records, and whether its teacher
+    was random."""
+    info: dict[str, Any] = {}
+    if (run_dir / "run.json").is_file():
+        try:
+            info = json.loads((run_dir / "run.json").read_text())
+        except json.JSONDecodeError:
+            info = {}
+    parts = [f"cd2p run {run_dir.resolve().name}"]
+    recipe = info.get("recipe_name")
+    if not recipe and (run_dir / "recipe.yaml").is_file():
+        import yaml
+
+        try:
+            recipe = (yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}).get(
+                "description"
+            )
+        except yaml.YAMLError:
+            recipe = None
+    if recipe:
+        parts.append(f"recipe {recipe}")
+    task = info.get("task") or ("pretrain" if "pairs" in info else None)
+    if task:
+        parts.append(str(task) + (f" ({info['method']})" if info.get("method") else ""))
+    return " · ".join(parts), bool(info.get("random_teacher"))
+
+
+def _readable_log_axis(ax: Any) -> None:
+    """Log-scale ticks that read: 1, 2 and 5 of every decade, written as plain numbers."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_metrics(
     run_dir: str | Path, out: str | Path | None = None, title: str | None = None
 ) -> Path:
-    """Write a PNG of a run's curves: losses, learning rate and throughput vs step (and
-    evaluation metrics when the run has any). Returns the PNG's path (default
-    ``RUN/metrics.png``)."""
+    """Write a PNG of a run's curves: losses (log scale), learning rate and throughput vs step,
+    and one panel per evaluation metric (fractions in percent). The title names the run and
+    its recipe; a run whose teacher was random says so on the picture. Returns the PNG's path
+    (default ``RUN/metrics.png``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,39 +141,60 @@ def plot_metrics(
     if not train:
         raise ValueError(f"{run_dir / METRICS} has no training records to plot yet")
     out = Path(out) if out is not None else run_dir / "metrics.png"
-    steps = [r["step"] for r in train]
     loss_keys = ["loss"] + sorted({k for r in train for k in r if k.startswith("loss_")})
-    eval_keys = sorted({k for r in evals for k in r if k not in ("kind", "step", "epoch")})
-    panels = 3 + (1 if eval_keys else 0)
-    fig, axes = plt.subplots(panels, 1, figsize=(8, 2.6 * panels), sharex=True)
+    side = [
+        (key, label, color)
+        for key, label, color in (
+            ("lr", "learning rate", "tab:orange"),
+            ("samples_per_s", "samples / s", "tab:green"),
+        )
+        if any(key in r for r in train)
+    ]
+    eval_keys = [
+        k
+        for k in dict.fromkeys(k for r in evals for k in r if k not in ("kind", "step", "epoch"))
+        if any(isinstance(r.get(k), int | float) and not isinstance(r.get(k), bool) for r in evals)
+    ]
+    panels = 1 + len(side) + len(eval_keys)
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 2.3 * panels + 0.6), sharex=True,
+                             squeeze=False)  # fmt: skip
+    axes = axes[:, 0]
     ax = axes[0]
     for key in loss_keys:
         points = [(r["step"], r[key]) for r in train if key in r]
         style = {"linewidth": 2.0} if key == "loss" else {"linewidth": 1.2, "linestyle": "--"}
         ax.plot(*zip(*points, strict=True), label=key, **style)
     if all(r["loss"] > 0 for r in train):
-        ax.set_yscale("log")
+        _readable_log_axis(ax)
     ax.set_ylabel("loss")
     ax.legend(loc="upper right")
-    ax.grid(alpha=0.3)
-    axes[1].plot(steps, [r["lr"] for r in train], color="tab:orange")
-    axes[1].set_ylabel("learning rate")
-    axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    axes[1].grid(alpha=0.3)
-    axes[2].plot(steps, [r["samples_per_s"] for r in train], color="tab:green")
-    axes[2].set_ylabel("samples / s")
-    axes[2].grid(alpha=0.3)
-    if eval_keys:
-        for key in eval_keys:
-            points = [(r["step"], r[key]) for r in evals if isinstance(r.get(key), int | float)]
-            if points:
-                axes[3].plot(*zip(*points, strict=True), marker="o", label=key)
-        axes[3].set_ylabel("evaluation")
-        axes[3].legend(loc="best")
-        axes[3].grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
+    for axis, (key, label, color) in zip(axes[1:], side, strict=False):
+        points = [(r["step"], r[key]) for r in train if key in r]
+        axis.plot(*zip(*points, strict=True), color=color)
+        axis.set_ylabel(label)
+        if key == "lr":
+            axis.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        axis.grid(alpha=0.3)
+    for axis, key in zip(axes[1 + len(side) :], eval_keys, strict=True):
+        points = [(r["step"], r[key]) for r in evals if isinstance(r.get(key), int | float)]
+        values = [v for _, v in points]
+        percent = all(0.0 <= v <= 1.0 for v in values)
+        shown = [(s, 100 * v if percent else v) for s, v in points]
+        axis.plot(*zip(*shown, strict=True), marker="o", color="tab:purple")
+        best = max(shown, key=lambda p: p[1])
+        axis.annotate(f"{best[1]:.2f}", best, textcoords="offset points", xytext=(4, 4),
+                      fontsize=8)  # fmt: skip
+        axis.set_ylabel(f"eval {key}" + (" (%)" if percent else ""))
+        axis.grid(alpha=0.3)
     axes[-1].set_xlabel("optimiser step")
-    fig.suptitle(title or f"cd2p run {run_dir.resolve().name}")
-    fig.tight_layout()
+    run_title, random_teacher = _run_title(run_dir)
+    fig.suptitle(title or run_title, fontsize=11)
+    if random_teacher:
+        fig.text(0.5, 0.005, "RANDOM teacher (not CLIP): these curves test the pipeline, "
+                 "not the method", ha="center", va="bottom", color="tab:red", fontsize=10,
+                 weight="bold")  # fmt: skip
+    fig.tight_layout(rect=(0, 0.03 if random_teacher else 0, 1, 1))
     return save_figure(fig, out, dpi=110)
 
 

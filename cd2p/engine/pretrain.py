@@ -27,7 +27,7 @@ from rich.console import Console
 from torch import nn
 
 from cd2p._atomic import atomic_directory, atomic_write_json
-from cd2p.config import Recipe, load_recipe
+from cd2p.config import Recipe, apply_overrides, load_recipe, resume_changes
 from cd2p.engine import distributed as D
 from cd2p.engine.augment import random_subsample, scale_and_translate
 from cd2p.engine.trainer import RunResult, StepContext, Trainer, check_run_dir, seed_everything
@@ -210,6 +210,7 @@ def run_pretrain(
     teacher: nn.Module | None = None,
     stop_after: int | None = None,
     console: Console | None = None,
+    overrides: Sequence[str] = (),
 ) -> PretrainResult:
     """Pre-train a student on prepared pairs and export it to ``out_dir/backbone``.
 
@@ -224,6 +225,11 @@ def run_pretrain(
         recipe_name: how the recipe is named in ``run.json`` and the model card.
         teacher: a ready teacher for on-the-fly targets (default: built from the recipe).
         stop_after: stop (with a checkpoint) after this step, e.g. to split a run into jobs.
+        overrides: with ``resume``, changes to the saved recipe that keep the run consistent
+            (``schedule.epochs=N`` extends it; see :func:`cd2p.config.resume_changes`).
+
+    SIGINT / SIGTERM write a checkpoint and raise
+    :class:`~cd2p.engine.trainer.TrainingInterrupted`.
 
     Under ``torchrun`` every rank calls this; only rank 0 writes files.
     """
@@ -242,18 +248,24 @@ def run_pretrain(
         saved_recipe = load_recipe(out_dir / "recipe.yaml")
         if recipe is not None and recipe != saved_recipe:
             raise ValueError(
-                f"the recipe differs from {out_dir / 'recipe.yaml'}; a resumed run continues "
-                "with its saved recipe (omit --recipe/--set)"
+                f"the recipe differs from {out_dir / 'recipe.yaml'}; a resumed run keeps its "
+                "recipe (change its length with --set schedule.epochs=N)"
             )
-        recipe = saved_recipe
+        recipe = apply_overrides(saved_recipe, overrides)
+        changes = resume_changes(saved_recipe, recipe)
         data_paths = data_paths or saved["data"]
         recipe_name = recipe_name or saved.get("recipe_name")
+    elif overrides:
+        raise ValueError("overrides are for a resumed run; apply them to the recipe instead")
     if recipe is None or not data_paths:
         raise ValueError("run_pretrain needs a recipe and at least one prepared pairs directory")
     if recipe.task != "pretrain":
         raise ValueError(f"recipe task is {recipe.task!r}, not 'pretrain'")
     data = [Path(p).resolve() for p in data_paths]
     console = console or Console(stderr=True)
+    if resume and dist.is_main:
+        for change in changes:
+            console.print(f"[yellow]resumed with[/] {change}")
 
     dataset = _open_pairs(recipe, data)
     target = TARGET_OF_OBJECTIVE[recipe.pretrain.objective]
@@ -306,6 +318,7 @@ def run_pretrain(
         prepare_batch=PrepareBatch(recipe, teacher if on_the_fly else None),
         progress=progress,
         console=console,
+        resume_hint=f"cd2p pretrain --resume {out_dir}",
     )
     result = trainer.fit(resume=resume, stop_after=stop_after)
 

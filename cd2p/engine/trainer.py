@@ -8,8 +8,10 @@ forward), an ``evaluate(model) -> metrics`` callback with best-metric tracking a
 ``on_best`` export hook, and custom optimiser param groups (``lr_scale`` per group for
 layer-wise decay). The :class:`Trainer` does the rest from the recipe's ``data``, ``optim``,
 ``schedule`` and ``run`` sections: AdamW, warm-up + cosine, gradient clipping, bf16 autocast
-on CUDA (fp32 on CPU), ``torch.compile``, DDP under ``torchrun``, checkpoints and exact
-resume, ``metrics.jsonl`` and a progress bar.
+on CUDA (fp32 on CPU), ``torch.compile``, DDP under ``torchrun``, gradient accumulation
+(``optim.accumulate_steps``), checkpoints and exact resume, ``metrics.jsonl`` (and TensorBoard /
+W&B, ``run.loggers``), a progress bar on a terminal or plain progress lines in a log file, and a
+checkpoint when SIGINT / SIGTERM stops the run (:class:`TrainingInterrupted`).
 
 Exact resume: the batches of an epoch are a pure function of ``(seed, epoch)``
 (:class:`EpochBatchSampler`), the per-step augmentation generator a pure function of
@@ -23,8 +25,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import random
 import resource
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +43,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cd2p.config import Recipe, save_recipe
+from cd2p.config import Recipe, save_recipe, to_dict
 from cd2p.data.epochs import EpochIndex
 from cd2p.engine import distributed as D
 from cd2p.engine.augment import step_generator
@@ -48,6 +53,7 @@ from cd2p.engine.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from cd2p.engine.loggers import MetricLogger, open_loggers
 from cd2p.engine.metrics_log import MetricsLog, truncate_metrics
 from cd2p.engine.schedule import StepPlan, lr_at, set_lr
 
@@ -210,6 +216,115 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a cluster job's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(requested: int, device: torch.device) -> int:
+    """``data.num_workers`` as run: on a CPU-only run the workers share the cores with the
+    training itself, so they never exceed the cores (minus the one that trains)."""
+    if device.type == "cuda":
+        return requested
+    return max(0, min(requested, usable_cores() - 1))
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # DataLoader workers leave Ctrl-C / SIGTERM to the main process, which checkpoints and
+    # shuts them down; a worker killed by the signal would otherwise break the last fetch.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def split_batch(batch: Any, chunks: int) -> list[Any]:
+    """Cut a batch into ``chunks`` equal micro-batches along its first dimension.
+
+    Tensors and lists whose length is the batch size are sliced; nested dicts recursively;
+    anything else (a scalar, a shared tensor of another length) is given to every chunk.
+    """
+    if chunks == 1:
+        return [batch]
+
+    def size_of(value: Any) -> int | None:
+        if isinstance(value, torch.Tensor) and value.ndim:
+            return value.shape[0]
+        if isinstance(value, list | tuple):
+            return len(value)
+        if isinstance(value, dict):
+            return next((s for s in map(size_of, value.values()) if s is not None), None)
+        return None
+
+    size = size_of(batch)
+    if size is None or size % chunks:
+        raise ValueError(
+            f"a batch of {size} samples cannot be cut into optim.accumulate_steps={chunks} "
+            "equal micro-batches"
+        )
+    step = size // chunks
+
+    def take(value: Any, i: int) -> Any:
+        if isinstance(value, dict):
+            return {k: take(v, i) for k, v in value.items()}
+        if size_of(value) == size and not isinstance(value, dict):
+            return value[i * step : (i + 1) * step]
+        return value
+
+    return [take(batch, i) for i in range(chunks)]
+
+
+class TrainingInterrupted(Exception):  # noqa: N818 (it is a stop, not an error)
+    """SIGINT (Ctrl-C) or SIGTERM (a cluster's time limit) stopped :meth:`Trainer.fit`.
+
+    The trainer finished the step it was in and wrote a checkpoint at ``step``;
+    ``--resume RUN`` continues from it exactly.
+    """
+
+    def __init__(self, run_dir: Path, step: int, total_steps: int, checkpoint: Path | None,
+                 signal_name: str) -> None:  # fmt: skip
+        self.run_dir = run_dir
+        self.step = step
+        self.total_steps = total_steps
+        self.checkpoint = checkpoint
+        self.signal_name = signal_name
+        super().__init__(
+            f"{signal_name} at step {step} of {total_steps}: checkpoint written to {checkpoint}"
+        )
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process stopped by the signal (130, 143)."""
+        number = signal.SIGINT if self.signal_name == "SIGINT" else signal.SIGTERM
+        return 128 + int(number)
+
+
+class _StopSignals:
+    """While active, SIGINT / SIGTERM only set ``self.received`` (the trainer checkpoints and
+    stops after the current step); a second Ctrl-C stops at once, without a checkpoint."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        # A second signal takes the default action (Ctrl-C: KeyboardInterrupt right away).
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
 def check_run_dir(run_dir: str | Path, resume: bool) -> Path:
     """Refuse to train into a non-empty run directory unless resuming it."""
     run_dir = Path(run_dir)
@@ -255,6 +370,10 @@ class RunResult:
     resumed_from: int | None = None
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 # -- the trainer -----------------------------------------------------------------------------
 
 
@@ -279,8 +398,13 @@ class Trainer:
         on_best: ``(model, metrics)`` called on rank 0 when ``best_metric`` improves.
         param_groups: optimiser groups (``params``, ``weight_decay``, optional ``lr_scale``);
             default :func:`default_param_groups`.
-        progress: show a rich progress bar on rank 0.
+        progress: show progress on rank 0: a rich progress bar on a terminal, plain complete
+            lines every ``run.log_every`` steps otherwise (a cluster's log file), and each
+            evaluation's metrics when they are computed.
         find_unused_parameters: DDP's option, for models whose steps skip parameters.
+        format_metrics: ``metrics -> text`` for the printed evaluation lines (default
+            ``name value`` pairs).
+        resume_hint: the command that resumes this run, printed when a signal stops it.
     """
 
     def __init__(
@@ -300,6 +424,8 @@ class Trainer:
         progress: bool = True,
         find_unused_parameters: bool = False,
         console: Console | None = None,
+        format_metrics: Callable[[dict[str, float]], str] | None = None,
+        resume_hint: str | None = None,
     ) -> None:
         self.recipe = recipe
         self.run_dir = Path(run_dir)
@@ -316,12 +442,19 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         self.console = console or Console(stderr=True)
         self.find_unused_parameters = find_unused_parameters
+        self.format_metrics = format_metrics
+        self.resume_hint = resume_hint
+        self.loggers: list[MetricLogger] = []
 
         global_batch = recipe.data.batch_size
-        if global_batch % self.dist.world_size:
+        self.accumulate = recipe.optim.accumulate_steps
+        if self.accumulate < 1:
+            raise ValueError(f"optim.accumulate_steps must be >= 1, got {self.accumulate}")
+        if global_batch % (self.dist.world_size * self.accumulate):
             raise ValueError(
                 f"data.batch_size={global_batch} is the global batch and must divide evenly "
-                f"over {self.dist.world_size} processes"
+                f"over {self.dist.world_size} processes x optim.accumulate_steps="
+                f"{self.accumulate} micro-batches"
             )
         self.batch_size = global_batch // self.dist.world_size
         self.sampler = EpochBatchSampler(
@@ -352,13 +485,19 @@ class Trainer:
         return None  # auto on CPU: fp32 (bf16 matmuls are slow on most CPUs)
 
     def _loader(self) -> DataLoader:
-        workers = self.recipe.data.num_workers
+        workers = loader_workers(self.recipe.data.num_workers, self.device)
+        if workers < self.recipe.data.num_workers and self.dist.is_main:
+            self.console.print(
+                f"[yellow]note:[/] data.num_workers={self.recipe.data.num_workers} on a CPU-only "
+                f"run with {usable_cores()} cores: using {workers} loader workers"
+            )
         return DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
             collate_fn=self.collate_fn,
             num_workers=workers,
             persistent_workers=workers > 0,
+            worker_init_fn=_ignore_stop_signals if workers > 0 else None,
             pin_memory=self.device.type == "cuda",
             # A private generator: creating loader iterators never touches the global RNG.
             generator=torch.Generator().manual_seed(self.recipe.run.seed),
@@ -378,7 +517,11 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
-        return {"best": self.best, "total_steps": self.plan.total_steps}
+        return {
+            "best": self.best,
+            "total_steps": self.plan.total_steps,
+            "steps_per_epoch": self.plan.steps_per_epoch,
+        }
 
     def _save(self, step: int) -> Path | None:
         local = capture_rng_state()
@@ -431,12 +574,30 @@ class Trainer:
                 f"[yellow]checkpoint written by {ckpt.world_size} processes, resumed by "
                 f"{self.dist.world_size}: training continues but not bit-exactly"
             )
-        if ckpt.trainer_state.get("total_steps", self.plan.total_steps) != self.plan.total_steps:
+        state = ckpt.trainer_state
+        saved_total = state.get("total_steps", self.plan.total_steps)
+        # The batches of an epoch depend on the data: a different count means other data.
+        saved_per_epoch = state.get("steps_per_epoch")
+        if saved_per_epoch is None and saved_total != self.plan.total_steps:
+            saved_per_epoch = -1  # an older checkpoint: only an unchanged length is safe
+        if saved_per_epoch is not None and saved_per_epoch != self.plan.steps_per_epoch:
             raise ValueError(
-                f"{path} belongs to a run of {ckpt.trainer_state['total_steps']} steps, but "
-                f"the recipe and data now give {self.plan.total_steps}"
+                f"{path} belongs to a run of {saved_total} steps ({saved_per_epoch} per epoch), "
+                f"but the recipe and data now give {self.plan.total_steps} "
+                f"({self.plan.steps_per_epoch} per epoch): the data or the batch size changed"
             )
-        self.best = ckpt.trainer_state.get("best")
+        if ckpt.step > self.plan.total_steps:
+            raise ValueError(
+                f"{path} is at step {ckpt.step}, beyond the {self.plan.total_steps} steps the "
+                "recipe now asks for: a run cannot be shortened below what it has done"
+            )
+        if saved_total != self.plan.total_steps and self.dist.is_main:
+            self.console.print(
+                f"[yellow]extending the run:[/] {saved_total} -> {self.plan.total_steps} steps; "
+                f"the learning rate follows the cosine schedule of {self.plan.total_steps} steps "
+                f"from step {ckpt.step} on"
+            )
+        self.best = state.get("best")
         return ckpt.step
 
     # -- evaluation -------------------------------------------------------------------------
@@ -449,8 +610,18 @@ class Trainer:
         finally:
             self.model.train()
         epoch = math.ceil(step / self.plan.steps_per_epoch)
+        record = {"kind": "eval", "step": step, "epoch": epoch, **metrics}
         if log is not None:
-            log.write({"kind": "eval", "step": step, "epoch": epoch, **metrics})
+            log.write(record)
+        for logger in self.loggers:
+            logger.log(record)
+        if self.progress:
+            text = (
+                self.format_metrics(metrics)
+                if self.format_metrics is not None
+                else "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if _is_number(v))
+            )
+            self.console.print(f"eval  step {step} (epoch {epoch}): {text}", soft_wrap=True)
         if self.best_metric is None:
             return
         if self.best_metric not in metrics:
@@ -470,7 +641,10 @@ class Trainer:
         """Train to the end of the schedule (or until step ``stop_after``, checkpointing
         there, as a job with a wall-time limit would) and return the outcome.
 
-        With ``resume``, continue from the run directory's latest checkpoint.
+        With ``resume``, continue from the run directory's latest checkpoint; a recipe whose
+        schedule is now longer (or shorter, but not below the checkpoint) extends the run.
+        SIGINT / SIGTERM finish the current step, write a checkpoint and raise
+        :class:`TrainingInterrupted`.
         """
         run = self.recipe.run
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -481,8 +655,28 @@ class Trainer:
         if self.dist.is_main:
             save_recipe(self.recipe, self.run_dir / "recipe.yaml")
             truncate_metrics(self.run_dir, start)
+            self.loggers = open_loggers(run.loggers, self.run_dir, to_dict(self.recipe), start)
             log = MetricsLog(self.run_dir)
         D.barrier()
+        try:
+            with _StopSignals() as stop:
+                return self._fit(start, resume, stop_after, log, stop)
+        finally:
+            if log is not None:
+                log.close()
+            for logger in self.loggers:
+                logger.close()
+            self.loggers = []
+
+    def _fit(
+        self,
+        start: int,
+        resume: bool,
+        stop_after: int | None,
+        log: MetricsLog | None,
+        stop: _StopSignals,
+    ) -> RunResult:
+        run = self.recipe.run
         total = self.plan.total_steps
         end = total if stop_after is None else min(total, stop_after)
         module = self._wrapped()
@@ -494,9 +688,10 @@ class Trainer:
         step = start
         window: dict[str, torch.Tensor] = {}
         window_steps, data_time = 0, 0.0
-        window_start = time.perf_counter()
+        window_start = fit_start = time.perf_counter()
         saved_at = None
-        progress = self._progress_bar()
+        plain = self.progress and not self.console.is_terminal
+        progress = self._progress_bar() if self.progress and not plain else None
         task = (
             progress.add_task("train", total=total, completed=start, info="") if progress else None
         )
@@ -505,7 +700,16 @@ class Trainer:
                 epoch = step // self.plan.steps_per_epoch
                 self.sampler.set_epoch(epoch, step % self.plan.steps_per_epoch)
                 fetch_start = time.perf_counter()
-                for batch in loader:
+                batches = iter(loader)
+                while True:
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        break
+                    except Exception:
+                        if stop.received is None:
+                            raise
+                        break  # a worker hit by the signal: stop at the last complete step
                     data_time += time.perf_counter() - fetch_start
                     out = self._step(module, batch, step, epoch, grad_params)
                     for key, value in out.items():
@@ -519,6 +723,10 @@ class Trainer:
                         window_start = time.perf_counter()
                         if progress is not None:
                             progress.update(task, info=self._progress_info(last))
+                        if plain:
+                            elapsed = time.perf_counter() - fit_start
+                            line = self._progress_line(last, step - start, elapsed)
+                            self.console.print(line, soft_wrap=True, highlight=False)
                     if progress is not None:
                         progress.update(task, completed=step)
                     if self.evaluate is not None and (
@@ -531,16 +739,17 @@ class Trainer:
                         self._run_evaluation(step, log)
                     if step % run.checkpoint_every == 0 or step == end:
                         saved_at = self._save(step)
-                    if step >= end:
+                    if step >= end or self._stop_requested(stop):
                         break
                     fetch_start = time.perf_counter()
+                if self._stop_requested(stop) and step < end:
+                    self._interrupt(step, saved_at, stop, log, window, window_steps,
+                                    window_start, data_time)  # fmt: skip
 
         D.broadcast_buffers(self.model)
         hashes = D.all_gather_json(weights_sha256(self.model), self._collective_device())
-        if log is not None:
-            if step == total:
-                log.write({"kind": "final", "step": step, "weights_sha256": hashes})
-            log.close()
+        if log is not None and step == total:
+            log.write({"kind": "final", "step": step, "weights_sha256": hashes})
         components = {k: v for k, v in last.items() if k.startswith("loss_")}
         return RunResult(
             run_dir=self.run_dir,
@@ -556,10 +765,47 @@ class Trainer:
             resumed_from=start if resume else None,
         )
 
+    def _stop_requested(self, stop: _StopSignals) -> bool:
+        """Whether any rank got SIGINT / SIGTERM (every rank must stop at the same step)."""
+        flag = stop.received is not None
+        if not self.dist.distributed:
+            return flag
+        value = torch.tensor([float(flag)], device=self._collective_device())
+        return bool(D.all_reduce_sum(value).item() > 0)
+
+    def _interrupt(
+        self,
+        step: int,
+        saved_at: Path | None,
+        stop: _StopSignals,
+        log: MetricsLog | None,
+        window: dict[str, torch.Tensor],
+        window_steps: int,
+        window_start: float,
+        data_time: float,
+    ) -> None:
+        """Checkpoint at ``step`` (unless just done), say how to resume, raise."""
+        if window_steps:  # the steps since the last logged one are logged too
+            self._log(log, window, window_steps, window_start, data_time, step)
+        if saved_at is None or not saved_at.name.endswith(f"{step:08d}"):
+            saved_at = self._save(step)
+        name = stop.received or "SIGTERM"  # another rank's signal
+        if self.dist.is_main:
+            hint = self.resume_hint or "--resume " + str(self.run_dir)
+            if self.dist.distributed and hint.startswith("cd2p "):
+                hint = f"torchrun <the same torchrun options> -m {hint}"
+            self.console.print(
+                f"[bold yellow]{name}:[/] stopped at step {step} of {self.plan.total_steps}; "
+                f"checkpoint {saved_at}. Continue with: [bold]{hint}",
+                soft_wrap=True,
+            )
+        raise TrainingInterrupted(self.run_dir, step, self.plan.total_steps, saved_at, name)
+
     def _step(
         self, module: nn.Module, batch: Batch, step: int, epoch: int, params: list[nn.Parameter]
     ) -> dict[str, torch.Tensor]:
-        """One optimiser step; returns the detached loss (and components, grad norm)."""
+        """One optimiser step (over ``optim.accumulate_steps`` micro-batches); returns the
+        detached loss (and components, grad norm)."""
         batch = move_to(batch, self.device)
         if self.prepare_batch is not None:
             ctx = StepContext(
@@ -586,15 +832,26 @@ class Trainer:
             if self.autocast_dtype is not None
             else contextlib.nullcontext()
         )
-        with autocast:
-            out = module(batch)
-        if "loss" not in out:
-            raise KeyError(f"{type(self.model).__name__}.forward must return a dict with 'loss'")
-        loss = out["loss"]
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        logged = {"loss": loss.detach().float()}
-        logged.update({k: v.detach().float() for k, v in out.items() if k.startswith("loss_")})
+        micro_batches = split_batch(batch, self.accumulate)
+        logged: dict[str, torch.Tensor] = {}
+        for i, micro in enumerate(micro_batches):
+            # DDP all-reduces the gradients of the last micro-batch only (they accumulate).
+            sync = i == len(micro_batches) - 1 or not isinstance(
+                module, nn.parallel.DistributedDataParallel
+            )
+            with (contextlib.nullcontext() if sync else module.no_sync()), autocast:
+                out = module(micro)
+            if "loss" not in out:
+                raise KeyError(
+                    f"{type(self.model).__name__}.forward must return a dict with 'loss'"
+                )
+            # Equal micro-batches: the mean of their mean losses is the batch's mean loss.
+            (out["loss"] / self.accumulate).backward()
+            for key, value in out.items():
+                if key == "loss" or key.startswith("loss_"):
+                    part = value.detach().float() / self.accumulate
+                    logged[key] = logged[key] + part if key in logged else part
         if self.recipe.optim.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, self.recipe.optim.grad_clip)
             logged["grad_norm"] = norm.detach().float()
@@ -634,6 +891,8 @@ class Trainer:
         }
         if log is not None:
             log.write(record)
+        for logger in self.loggers:
+            logger.log(record)
         return record
 
     def _progress_bar(self) -> Progress | None:
@@ -646,6 +905,20 @@ class Trainer:
             TextColumn("{task.fields[info]}"),
             TimeRemainingColumn(),
             console=self.console,
+        )
+
+    def _progress_line(self, record: dict[str, float], steps_done: int, elapsed: float) -> str:
+        """One complete plain line for a log file: step, epoch, losses, lr, speed, ETA."""
+        total = self.plan.total_steps
+        step = int(record["step"])
+        remaining = (total - step) * elapsed / max(steps_done, 1)
+        eta = time.strftime("%H:%M:%S", time.gmtime(remaining))
+        if remaining >= 86400:
+            eta = f"{int(remaining // 86400)}d {eta}"
+        return (
+            f"train step {step}/{total} ({100 * step / total:.1f} %) epoch "
+            f"{record['epoch']:.2f} | {self._progress_info(record)} | "
+            f"data {100 * record['data_fraction']:.0f} % | eta {eta}"
         )
 
     @staticmethod

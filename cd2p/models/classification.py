@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -27,6 +27,10 @@ class Cd2pForClassification(Cd2pTaskModel, model_kind="classification"):
         class_names: names of the classes, in label order (kept in ``config.json``).
         num_points: points per cloud in training; evaluation uses as many (a recorded hint,
             the network itself accepts any ``N``).
+        head_type: ``"mlp"`` (the above) or ``"linear-probe"``: what a linear-probe run
+            exports, a frozen backbone's max- and mean-pooled final tokens ``(B, 2 * dim)``,
+            standardised by the training features' ``feature_mean`` / ``feature_std`` buffers,
+            then one ``Linear`` to the classes (no class token).
     """
 
     def __init__(
@@ -37,6 +41,7 @@ class Cd2pForClassification(Cd2pTaskModel, model_kind="classification"):
         head_dropout: float = 0.5,
         class_names: Sequence[str] | None = None,
         num_points: int = 1024,
+        head_type: Literal["mlp", "linear-probe"] = "mlp",
     ) -> None:
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
@@ -44,7 +49,15 @@ class Cd2pForClassification(Cd2pTaskModel, model_kind="classification"):
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else None
         self.num_points = num_points
+        self.head_type = head_type
         dim = self.backbone.dim
+        if head_type == "linear-probe":
+            self.register_buffer("feature_mean", torch.zeros(2 * dim))
+            self.register_buffer("feature_std", torch.ones(2 * dim))
+            self.head = nn.Linear(2 * dim, num_classes)
+            return
+        if head_type != "mlp":
+            raise ValueError(f"head_type must be 'mlp' or 'linear-probe', got {head_type!r}")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -53,10 +66,19 @@ class Cd2pForClassification(Cd2pTaskModel, model_kind="classification"):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters the optimiser must not decay: the class token and its position."""
-        return {"cls_token", "cls_pos"}
+        return {"cls_token", "cls_pos"} if self.head_type == "mlp" else set()
+
+    def probe_features(self, points: torch.Tensor) -> torch.Tensor:
+        """``points (B, N, 3)`` -> the standardised pooled features ``(B, 2 * dim)`` a
+        linear-probe head reads."""
+        tokens = self.backbone(points).tokens
+        pooled = torch.cat([tokens.max(1).values, tokens.mean(1)], dim=-1)
+        return (pooled - self.feature_mean) / self.feature_std
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """``points (B, N, 3)`` -> class logits ``(B, num_classes)``."""
+        if self.head_type == "linear-probe":
+            return self.head(self.probe_features(points))
         groups = self.backbone.group(points)
         tokens, pos = self.backbone.embed(groups.neighborhoods, groups.centers)
         batch = tokens.shape[0]

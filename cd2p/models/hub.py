@@ -20,6 +20,36 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 
+def check_local_path(name: str | Path, what: str = "model") -> None:
+    """Fail at once when ``name`` looks like a local path but no such directory exists.
+
+    Local-looking: it starts with ``.``, ``/`` or ``~``, holds a backslash or more than one
+    ``/`` (a Hub id is ``org/name``), ends with ``/``, or its first part is a local directory
+    (``runs/x`` where ``runs/`` exists). Without this, huggingface_hub would try such a name as
+    a Hub id, retry for half a minute and blame the connection.
+    """
+    text = str(name)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"{what} {text}: not a directory (expected a saved model)")
+        return
+    first = text.split("/", 1)[0]
+    local = (
+        text.startswith((".", "/", "~"))
+        or "\\" in text
+        or text.count("/") > 1
+        or text.endswith("/")
+        or (text.count("/") == 1 and first not in ("", ".") and Path(first).is_dir())
+    )
+    if local:
+        parent = next((p for p in path.parents if p.is_dir()), None)
+        where = f" ({parent}/ exists)" if parent not in (None, Path(".")) else ""
+        raise FileNotFoundError(
+            f"{what} {text}: no such local directory{where}; a Hub model is named org/name"
+        )
+
+
 class StrictLoadError(ValueError):
     """Weights that do not match the model exactly (missing, unexpected or mis-shaped keys)."""
 
@@ -111,6 +141,13 @@ class Cd2pHubMixin(PyTorchModelHubMixin):
 
     # -- loading ----------------------------------------------------------------------------
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any):
+        """Load from a saved directory or a Hub id (strictly, on CPU, in eval mode); a missing
+        local-looking path fails at once (:func:`check_local_path`)."""
+        check_local_path(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
     def _from_pretrained(
         cls,
         *,
@@ -156,5 +193,6 @@ __all__ = [
     "WEIGHTS_NAME",
     "Cd2pHubMixin",
     "StrictLoadError",
+    "check_local_path",
     "load_state_dict_strict",
 ]

@@ -184,8 +184,19 @@ def evaluate(
         metrics.update(oa_vote=overall_accuracy(conf), macc_vote=mean_class_accuracy(conf))
         for row, a in zip(rows, per_class_accuracy(conf).tolist(), strict=True):
             row["acc_vote"] = a
+    single = f"one view per shape (its first {n} FPS points)"
+    voted = f"logits averaged over {votes} augmented views per shape (re-sampled, scaled, shifted)"
+    descriptions = {
+        "oa": f"overall accuracy, {single}",
+        "macc": f"mean of the per-class accuracies, {single}",
+        "oa_vote": f"overall accuracy, {voted}",
+        "macc_vote": f"mean of the per-class accuracies, {voted}",
+    }
     return EvalReport(
-        "classification", metrics, rows, list(data.class_names), conf, len(data), max(votes, 1)
+        "classification", metrics, rows, list(data.class_names), conf, len(data), max(votes, 1),
+        descriptions=descriptions,
+        confusion_of=f"the voted predictions ({votes} views)" if votes else f"the predictions, "
+        f"{single}",
     )
 
 

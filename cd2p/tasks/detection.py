@@ -346,8 +346,16 @@ def evaluate(
     extra = {"scenes": len(data), "gt_boxes": int(counts.sum()),
              "protocol": "3DETR: per-class 3D NMS 0.25, objectness > 0.05, boxes with < 5 "
                          "points dropped, VOC all-point AP"}  # fmt: skip
+    descriptions = {}
+    for thr in THRESHOLDS:
+        tag = _tag(thr)
+        descriptions[f"map_{tag}"] = (
+            f"mean over classes of VOC all-point AP at 3D IoU {thr}, one draw per scene"
+        )
+        descriptions[f"ar_{tag}"] = f"mean over classes of the recall at 3D IoU {thr}"
     return EvalReport("detection", metrics, rows, list(data.det_class_names), None, len(data),
-                      1, extra, visuals={"scenes": shown})  # fmt: skip
+                      1, extra, visuals={"scenes": shown},
+                      descriptions=descriptions)  # fmt: skip
 
 
 def _tag(threshold: float) -> str:

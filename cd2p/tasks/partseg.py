@@ -171,13 +171,27 @@ def evaluate(
         {"name": name, "shapes": int(counts[i]), "miou": per_cat.get(name, float("nan"))}
         for i, name in enumerate(data.category_names)
     ]
+    per_part = plain.per_part()
     if votes:
         metrics.update({f"{k}_vote": v for k, v in voted.compute().items()})
         per_vote = voted.per_category()
         for row in rows:
             row["miou_vote"] = per_vote.get(row["name"], float("nan"))
+        for row, vrow in zip(per_part, voted.per_part(), strict=True):
+            row["iou_vote"] = vrow["iou"]
+    single = f"one draw of {n} points per shape"
+    voted_text = f"part scores averaged over {votes} scaled and shifted views of that draw"
+    descriptions = {
+        "instance_miou": f"mean over shapes of the mean IoU of their category's parts, {single}",
+        "class_miou": f"mean over categories of their shapes' mean IoU, {single}",
+        "accuracy": f"point accuracy, {single}",
+        "instance_miou_vote": f"instance mIoU, {voted_text}",
+        "class_miou_vote": f"class mIoU, {voted_text}",
+        "accuracy_vote": f"point accuracy, {voted_text}",
+    }
     return EvalReport(
-        "partseg", metrics, rows, list(data.category_names), None, len(data), max(votes, 1)
+        "partseg", metrics, rows, list(data.category_names), None, len(data), max(votes, 1),
+        extra={"per_part": per_part}, descriptions=descriptions,
     )
 
 

@@ -296,8 +296,15 @@ def evaluate(
         for i, name in enumerate(data.class_names)
     ]
     extra = {"scenes": len(data), "vertices": vertices, "labelled_points": int(conf.sum())}
+    scored = f"every vertex of every scene scored {rounds} time(s), class scores summed"
+    descriptions = {
+        "miou": f"mean IoU over the classes with a defined IoU (ScanNet's protocol), {scored}",
+        "oa": f"point accuracy over the labelled vertices, {scored}",
+        "macc": f"mean of the per-class point accuracies, {scored}",
+    }
     return EvalReport(
-        "segmentation", metrics, rows, list(data.class_names), conf, len(data), rounds, extra
+        "segmentation", metrics, rows, list(data.class_names), conf, len(data), rounds, extra,
+        descriptions=descriptions, confusion_of=f"labelled vertices, {scored}",
     )
 
 
