@@ -250,7 +250,7 @@ def test_plot_and_sparkline(tmp_path: Path) -> None:
 # -- watching a run, interrupts, extensions, accumulation --------------------------------------
 
 
-def _wandb_history(run_dir: Path) -> list[dict]:
+def _wandb_history(run_dir: Path) -> list[dict] | None:
     """The ``history`` rows of an offline W&B run, read from its ``.wandb`` transaction log
     (LevelDB's log format: 32 KiB blocks of records with a 7-byte header ``crc, length, type``,
     after W&B's 7-byte file header ``:W&B``, magic, version)."""
@@ -276,13 +276,28 @@ def _wandb_history(run_dir: Path) -> list[dict]:
         pending = chunk if kind in (1, 2) else pending + chunk  # FULL/FIRST, MIDDLE/LAST
         if kind in (1, 4):
             records.append(pending)
-    rows = []
+    rows, finished = [], False
     for raw in records:
         record = pb.Record()
         record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "history":
+        kind = record.WhichOneof("record_type")
+        finished |= kind == "exit"
+        if kind == "history":
             items = record.history.item
             rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
+    return rows if finished else None
+
+
+def _finished_wandb_history(run_dir: Path, seconds: float = 60.0) -> list[dict]:
+    """The history once W&B's service has written the run's exit record: in offline mode
+    ``wandb.finish()`` returns before its service process has flushed the transaction log
+    (it does by the time the process exits), so a test reading it in-process waits."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while (rows := _wandb_history(run_dir)) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert rows is not None, "W&B never wrote the run's exit record"
     return rows
 
 
@@ -310,7 +325,7 @@ def test_tensorboard_and_offline_wandb_hold_every_logged_metric(tmp_path: Path, 
         (e["step"], pytest.approx(e["mse"], rel=1e-6)) for e in evals
     ]
 
-    rows = _wandb_history(tmp_path / "run")
+    rows = _finished_wandb_history(tmp_path / "run")
     by_step = {}
     for row in rows:
         by_step.setdefault(row["_step"], {}).update(row)

@@ -110,13 +110,29 @@ class WandbLogger:
                 "or set WANDB_MODE=offline to log without a network"
             ) from None
         atomic_write_json(state_path, {"id": self.run.id, "project": project})
+        self._pending: dict[str, float] = {}
+        self._pending_step = 0
 
     def log(self, record: Mapping[str, Any]) -> None:
+        # One W&B call per step, with increasing steps: the records of a step (training and
+        # evaluation) are merged and sent when a later step arrives, or at close. W&B treats
+        # several calls for one step, or a call for an earlier step, as an error to drop.
         values = scalars(record)
-        if values:
-            self.run.log(values, step=int(record.get("step", 0)))
+        if not values:
+            return
+        step = int(record.get("step", 0))
+        if self._pending and step != self._pending_step:
+            self._flush()
+        self._pending_step = step
+        self._pending.update(values)
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.run.log(dict(self._pending), step=self._pending_step, commit=True)
+            self._pending.clear()
 
     def close(self) -> None:
+        self._flush()
         self.run.finish()
 
 
