@@ -8,9 +8,13 @@ For every configuration it measures
 * the time split of one training step, stage by stage with the device synchronised between
   stages: grouping (FPS + kNN), backbone (patch embedding + blocks), concept extraction +
   alignment head + loss, backward, optimiser step;
-* data loading: batches per second of the real ``PairDataset`` + DataLoader on prepared
-  synthetic pairs (stored targets), and the JPEG decoding + CLIP preprocessing that
-  on-the-fly targets add;
+* the step before and after the GPU work, side by side: the previous patch embedding (one
+  512 -> 512 convolution over ``cat([pooled, x])``) and NaN checks in every geometry call
+  (device syncs) against the split convolution and sync-free ops: ms per step and operators
+  launched per step (torch's profiler);
+* data loading per worker, steady state (persistent workers, after a warm-up epoch): row-by-row
+  reads (the previous ``PairDataset``), batched reads (``__getitems__``), the in-memory mode,
+  and the JPEG decoding + CLIP preprocessing that on-the-fly targets add;
 * end-to-end training samples/s through the real ``Trainer`` with stored targets and with the
   teacher on the fly (CLIP ViT-B/32 + ClipCap architecture, random weights: same cost);
 * peak memory (allocated GPU memory on CUDA, resident set on CPU).
@@ -112,6 +116,71 @@ def time_split(cfg: Config, steps: int) -> dict[str, float]:
     return split
 
 
+class _ConcatenatedPatchEmbed:
+    """The previous PatchEmbed.forward: the 512 -> 512 convolution over ``cat([pooled, x])``."""
+
+    @staticmethod
+    def forward(self, neighborhoods: torch.Tensor) -> torch.Tensor:
+        b, g, k, _ = neighborhoods.shape
+        x = self.first_conv(neighborhoods.reshape(b * g, k, 3).transpose(1, 2))
+        pooled = x.max(dim=2, keepdim=True).values
+        x = self.second_conv(torch.cat([pooled.expand(-1, -1, k), x], dim=1))
+        return x.max(dim=2).values.view(b, g, self.dim)
+
+
+def before_and_after(cfg: Config, steps: int) -> list[dict[str, float]]:
+    """ms per step and operators per step of the previous step (concatenated patch embedding,
+    NaN checks in the geometry ops) and of the current one. The two models are built from the
+    same seed and their steps alternate, so a shared machine's load falls on both alike."""
+    import types
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from cd2p.ops import group_points
+
+    def checked_group(self, points, random_start=False):  # the previous Cd2pBackbone.group
+        return group_points(points, self.num_groups, self.group_size, random_start=random_start)
+
+    device = torch.device(cfg.device)
+    runs = {}
+    for label in ("before", "now"):
+        torch.manual_seed(0)
+        model = build_pretrain_model(recipe_for(cfg)).to(device).train()
+        if label == "before":
+            encoder = model.backbone.encoder
+            encoder.forward = types.MethodType(_ConcatenatedPatchEmbed.forward, encoder)
+            model.backbone.group = types.MethodType(checked_group, model.backbone)
+        runs[label] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    points = torch.randn(cfg.batch, cfg.points, 3, device=device)
+    target = torch.randn(cfg.batch, 10, 768, device=device)
+
+    def step(label: str) -> None:
+        model, opt = runs[label]
+        loss = model(points, target)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    times: dict[str, list[float]] = {"before": [], "now": []}
+    for label in ("before", "now"):
+        step(label)  # warm-up
+    for _ in range(steps):
+        for label in ("before", "now"):
+            sync(device)
+            start = time.perf_counter()
+            step(label)
+            sync(device)
+            times[label].append(time.perf_counter() - start)
+    rows = []
+    for label in ("before", "now"):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(label)
+        ops = sum(1 for e in prof.events() if e.name.startswith("aten::"))
+        ms = 1000 * sorted(times[label])[len(times[label]) // 2]
+        rows.append({"label": label, "ms": ms, "ops": ops})
+    return rows
+
+
 def make_pairs(root: Path, points: int, min_pairs: int) -> Path:
     """Prepared synthetic pairs (at least ~``min_pairs``) with random stored prefix targets."""
     from datasets import load_from_disk
@@ -134,25 +203,47 @@ def make_pairs(root: Path, points: int, min_pairs: int) -> Path:
     return root / "pairs"
 
 
+class _RowByRow(torch.utils.data.Dataset):
+    """The previous reading: one row at a time (hides ``PairDataset.__getitems__``)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset.__getitems__([index])[0]
+
+
 def loader_rates(pairs: Path, batch: int, workers: int) -> dict[str, float]:
-    """Samples/s of the data pipeline alone: stored targets, and JPEG decode for on-the-fly."""
+    """Samples/s per worker of the data pipeline alone, steady state: persistent workers, the
+    first epoch (start-up, first file opens) not counted."""
     from torch.utils.data import DataLoader
 
     from cd2p.data.pairs import PairDataset
     from cd2p.engine.pretrain import PairCollate
 
     out = {}
+    workers = max(1, workers)
     for label, dataset, collate in (
-        ("stored targets", PairDataset(pairs, target="prefix"), PairCollate()),
+        ("row by row (before), stored targets", _RowByRow(PairDataset(pairs, target="prefix")),
+         PairCollate()),
+        ("batched reads, stored targets", PairDataset(pairs, target="prefix"), PairCollate()),
+        ("in memory, stored targets", PairDataset(pairs, target="prefix", in_memory=True),
+         PairCollate()),
         ("JPEG decode + CLIP preprocess", PairDataset(pairs, with_image=True), PairCollate(True)),
-    ):
+    ):  # fmt: skip
         loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
-                            collate_fn=collate, drop_last=True)  # fmt: skip
+                            collate_fn=collate, drop_last=True,
+                            persistent_workers=True)  # fmt: skip
+        for _ in loader:  # warm-up epoch: workers start, files open
+            pass
         start, seen = time.perf_counter(), 0
-        for _ in range(2):
+        for _ in range(3):
             for b in loader:
                 seen += b["points"].shape[0]
-        out[label] = seen / (time.perf_counter() - start)
+        out[label] = seen / (time.perf_counter() - start) / workers
     return out
 
 
@@ -209,19 +300,30 @@ def main() -> None:
         )
     console.print(split_table)
 
+    ba = Table(title="the step before and after the GPU work (same run, same inputs)")
+    for col in ("configuration", "before ms", "now ms", "before / now", "ops before", "ops now"):
+        ba.add_column(col, justify="left" if col == "configuration" else "right")
+    for cfg in configs:
+        before, now = before_and_after(cfg, args.steps)
+        ba.add_row(f"{cfg.name}, batch {cfg.batch}", f"{before['ms']:.1f}", f"{now['ms']:.1f}",
+                   f"{before['ms'] / now['ms']:.2f}x", str(before["ops"]), str(now["ops"]))
+    console.print(ba)
+
     e2e = Table(title="end to end through the Trainer (samples/s, data included)")
     for col in ("configuration", "targets", "samples/s", "peak MB"):
         e2e.add_column(col, justify="right" if col in ("samples/s", "peak MB") else "left")
-    data_table = Table(title=f"data pipeline alone ({args.workers} workers)")
-    for col in ("pipeline", "samples/s"):
+    data_table = Table(title=f"data pipeline alone, steady state ({args.workers} workers)")
+    for col in ("pipeline", "samples/s per worker"):
         data_table.add_column(col)
     with tempfile.TemporaryDirectory() as tmp:
         for cfg in configs:
             console.print(f"preparing synthetic pairs of {cfg.points} points")
             pairs = make_pairs(Path(tmp) / cfg.name.split()[0], cfg.points, 2 * cfg.batch)
             if cfg is configs[0]:
-                for label, rate in loader_rates(pairs, cfg.batch, args.workers).items():
-                    data_table.add_row(f"{label}, {cfg.points} pts", f"{rate:.0f}")
+                # the loader at the paper's batch of 128 (per-batch costs amortised as in a run)
+                many = make_pairs(Path(tmp) / "loader", cfg.points, 4 * 128)
+                for label, rate in loader_rates(many, 128, args.workers).items():
+                    data_table.add_row(f"{label}, {cfg.points} pts, batch 128", f"{rate:.0f}")
             for fly in (False, True):
                 if fly and cfg.device == "cpu" and cfg is not configs[0]:
                     continue  # the teacher on CPU only for the tiny configuration

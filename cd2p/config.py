@@ -59,6 +59,9 @@ class DataConfig:
     num_points: int = 4096
     batch_size: int = 128
     num_workers: int = 4
+    # Pre-training: read every pair into memory once instead of from the memory-mapped files
+    # (100 k pairs of 4096 points take 4.9 GB as float32).
+    in_memory: bool = False
     # Point-MAE's PointcloudScaleAndTranslate: per-axis scale in [low, high], shift in +-translate.
     scale_low: float = 2.0 / 3.0
     scale_high: float = 1.5
@@ -97,7 +100,10 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # torch.compile the network (not the step around it) in place; the mode is torch's:
+    # "reduce-overhead" captures CUDA graphs, "max-autotune" also tunes the kernels.
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     log_every: int = 10
     checkpoint_every: int = 500
     # Keep only the newest N checkpoints in RUN/checkpoints (null: keep all).

@@ -121,7 +121,9 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setenv("CD2P_OPS_BACKEND", "torch")
     assert resolve_backend() == "torch"
     monkeypatch.setenv("CD2P_OPS_BACKEND", "auto")
-    assert resolve_backend() == ("cluster" if cluster_available() else "torch")
+    assert resolve_backend() == ("cluster" if cluster_available() else "default")
+    monkeypatch.delenv("CD2P_OPS_BACKEND")
+    assert resolve_backend() == "default"  # torch, with the fused FPS for CUDA tensors
     monkeypatch.setenv("CD2P_OPS_BACKEND", "bogus")
     with pytest.raises(ValueError, match="CD2P_OPS_BACKEND"):
         resolve_backend()

@@ -2,7 +2,9 @@
 
 The trainer derives the generator from ``(seed, step, rank)`` (:func:`step_generator`), so
 the augmentation of every step is a pure function of those numbers: a resumed run draws
-exactly what an uninterrupted one would, with no generator state to save.
+exactly what an uninterrupted one would, with no generator state to save. The generator lives
+on the training device and every draw is made there, from the generator's device: a step
+copies no random numbers from the host and never waits for it.
 """
 
 from __future__ import annotations
@@ -16,10 +18,18 @@ if TYPE_CHECKING:
     from cd2p.config import Recipe
 
 
-def step_generator(seed: int, step: int, rank: int = 0, stream: str = "augment") -> torch.Generator:
-    """A CPU generator seeded from ``(seed, step, rank, stream)`` (independent streams)."""
+def step_generator(
+    seed: int,
+    step: int,
+    rank: int = 0,
+    stream: str = "augment",
+    device: torch.device | str = "cpu",
+) -> torch.Generator:
+    """A generator on ``device`` seeded from ``(seed, step, rank, stream)`` (independent
+    streams)."""
     digest = hashlib.sha256(f"{stream}:{seed}:{step}:{rank}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    generator = torch.Generator(device=device)
+    return generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 def scale_and_translate(
@@ -35,12 +45,14 @@ def scale_and_translate(
     ``[scale_low, scale_high]`` and shifted per axis by ``[-translate, translate]``.
     Returns a new ``(B, N, 3)`` tensor on ``points``' device.
     """
-    batch = points.shape[0]
-    scale = torch.empty(batch, 1, 3).uniform_(scale_low, scale_high, generator=generator)
-    shift = torch.empty(batch, 1, 3).uniform_(-translate, translate, generator=generator)
-    scale = scale.to(points.device, points.dtype)
-    shift = shift.to(points.device, points.dtype)
-    return points * scale + shift
+    batch, device = points.shape[0], generator.device
+    scale = torch.empty(batch, 1, 3, device=device).uniform_(
+        scale_low, scale_high, generator=generator
+    )
+    shift = torch.empty(batch, 1, 3, device=device).uniform_(
+        -translate, translate, generator=generator
+    )
+    return points * scale.to(points.device, points.dtype) + shift.to(points.device, points.dtype)
 
 
 def random_subsample(
@@ -56,8 +68,8 @@ def random_subsample(
         )
     if num_points == available:
         return points
-    order = torch.rand(batch, available, generator=generator).argsort(dim=1)[:, :num_points]
-    order = order.to(points.device)
+    order = torch.rand(batch, available, generator=generator, device=generator.device)
+    order = order.argsort(dim=1)[:, :num_points].to(points.device)
     return torch.gather(points, 1, order.unsqueeze(-1).expand(-1, -1, points.shape[-1]))
 
 
@@ -68,8 +80,8 @@ def subsample_views(
     b, available = batch[keys[0]].shape[:2]
     if num_points > available:
         raise ValueError(f"cannot draw {num_points} points from pools of {available}")
-    order = torch.rand(b, available, generator=generator).argsort(dim=1)[:, :num_points]
-    order = order.to(batch[keys[0]].device)
+    order = torch.rand(b, available, generator=generator, device=generator.device)
+    order = order.argsort(dim=1)[:, :num_points].to(batch[keys[0]].device)
     for key in keys:
         value = batch[key]
         index = order.view(b, num_points, *([1] * (value.dim() - 2))).expand(

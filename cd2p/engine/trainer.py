@@ -343,7 +343,8 @@ def check_run_dir(run_dir: str | Path, resume: bool) -> Path:
 class StepContext:
     """What a ``prepare_batch`` hook knows about the step it prepares.
 
-    generator: a CPU generator seeded from ``(seed, step, rank)`` for augmentations.
+    generator: a generator on the training device seeded from ``(seed, step, rank)`` for
+        augmentations (draw on ``generator.device``: no host copy, no sync).
     """
 
     step: int
@@ -471,6 +472,10 @@ class Trainer:
             groups, recipe.optim.name, recipe.optim.lr, recipe.optim.betas, self.device
         )
         self.autocast_dtype = self._autocast_dtype()
+        if self.device.type == "cuda":
+            # fp32 matmuls outside autocast (the teacher on the fly, kNN distances) on TF32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.best: dict[str, Any] | None = None
 
     # -- setup ------------------------------------------------------------------------------
@@ -504,15 +509,30 @@ class Trainer:
         )
 
     def _wrapped(self) -> nn.Module:
+        """The module a step calls: the task's step, its network compiled in place when the
+        recipe says so, inside DDP under ``torchrun``.
+
+        Only the network (the step's ``model``) is compiled, not the step around it, which may
+        call Python code such as scipy's matcher; ``nn.Module.compile`` keeps the parameter
+        names, so checkpoints do not change.
+        """
         module: nn.Module = self.model
+        run = self.recipe.run
+        if run.compile:
+            target = getattr(module, "model", module)
+            if not getattr(target, "_cd2p_compiled", False):
+                target.compile(mode=None if run.compile_mode == "default" else run.compile_mode)
+                target._cd2p_compiled = True
         if self.dist.distributed:
             module = nn.parallel.DistributedDataParallel(
                 module,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.find_unused_parameters,
+                # gradients live in DDP's buckets (no extra copy); a graph whose every
+                # parameter takes part in every step can be declared static
+                gradient_as_bucket_view=True,
+                static_graph=not self.find_unused_parameters,
             )
-        if self.recipe.run.compile:
-            module = torch.compile(module)
         return module
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -813,7 +833,9 @@ class Trainer:
                 epoch=epoch,
                 rank=self.dist.rank,
                 device=self.device,
-                generator=step_generator(self.recipe.run.seed, step, self.dist.rank),
+                generator=step_generator(
+                    self.recipe.run.seed, step, self.dist.rank, device=self.device
+                ),
             )
             with torch.no_grad():
                 batch = self.prepare_batch(batch, ctx)

@@ -68,8 +68,13 @@ class Cd2pBackbone(nn.Module, Cd2pHubMixin, model_kind="backbone"):
         self.apply(_init_weights)
 
     def group(self, points: torch.Tensor, random_start: bool = False) -> Groups:
-        """Tokenize geometry: ``points (B, N, 3)`` -> neighbourhoods ``(B, G, K, 3)`` + centers."""
-        return group_points(points, self.num_groups, self.group_size, random_start=random_start)
+        """Tokenize geometry: ``points (B, N, 3)`` -> neighbourhoods ``(B, G, K, 3)`` + centers.
+
+        The coordinates are not checked for NaN here (that would synchronise the device in
+        every training step): readers, datasets and commands validate data where it enters.
+        """
+        return group_points(points, self.num_groups, self.group_size, random_start=random_start,
+                            validate=False)
 
     def embed(self, neighborhoods: torch.Tensor, centers: torch.Tensor):
         """Patch tokens ``(B, G, dim)`` and positional embeddings ``(B, G, dim)``."""

@@ -103,7 +103,8 @@ class Cd2pForPartSegmentation(Cd2pTaskModel, model_kind="partseg"):
         global_feat = torch.cat(
             [feats.max(dim=1).values, feats.mean(dim=1), self.label_embed(onehot)], dim=-1
         )  # (B, 2 * feat + label_channels)
-        per_point = three_nn_interpolate(points, groups.centers, feats)  # (B, N, feat)
+        # (B, N, feat); inputs are validated where data enters, not in the training step
+        per_point = three_nn_interpolate(points, groups.centers, feats, validate=False)
         x = self.propagation(torch.cat([points.to(feats.dtype), per_point], -1).transpose(1, 2))
         x = torch.cat([x, global_feat.unsqueeze(-1).expand(-1, -1, n)], dim=1)
         return self.head(x).transpose(1, 2)

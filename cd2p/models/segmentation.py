@@ -66,7 +66,8 @@ class Cd2pForSemanticSegmentation(Cd2pTaskModel, model_kind="segmentation"):
         if self.use_color and colors is None:
             raise ValueError("this model reads colours (use_color): pass colors (B, N, 3)")
         out = self.backbone(points)
-        per_point = three_nn_interpolate(points, out.centers, out.tokens)  # (B, N, dim)
+        # (B, N, dim); inputs are validated where data enters, not in the training step
+        per_point = three_nn_interpolate(points, out.centers, out.tokens, validate=False)
         inputs = [per_point, points.to(per_point.dtype)]
         if self.use_color:
             assert colors is not None

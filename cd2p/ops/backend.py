@@ -1,10 +1,14 @@
-"""Which implementation runs ``fps`` and ``knn``: pure torch (always available) or torch-cluster.
+"""Which implementation runs ``fps`` and ``knn``: pure torch (always available), torch-cluster,
+or, for FPS on CUDA, one fused Triton kernel.
 
 Chosen with the environment variable ``CD2P_OPS_BACKEND``:
 
-- ``torch`` (default): pure PyTorch, CPU and CUDA, no compiled extension.
-- ``cluster``: torch-cluster's kernels; an error if it is not installed.
-- ``auto``: torch-cluster when importable, otherwise torch.
+- unset (default): pure PyTorch, except FPS on CUDA tensors, which runs the fused Triton kernel
+  (:mod:`cd2p.ops.fps_triton`) once it has been checked to reproduce the torch reference on
+  that GPU;
+- ``torch``: pure PyTorch everywhere (the reference), no compiled code;
+- ``cluster``: torch-cluster's kernels; an error if it is not installed;
+- ``auto``: torch-cluster when importable, otherwise the default.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import importlib.util
 import os
 
 BACKENDS = ("torch", "cluster", "auto")
+DEFAULT = "default"
 
 
 def cluster_available() -> bool:
@@ -27,12 +32,13 @@ def cluster_available() -> bool:
 
 
 def resolve_backend(requested: str | None = None) -> str:
-    """Return ``"torch"`` or ``"cluster"`` for a requested name (default: the environment's)."""
-    name = (requested or os.environ.get("CD2P_OPS_BACKEND") or "torch").strip().lower()
-    if name not in BACKENDS:
+    """Return ``"torch"``, ``"cluster"`` or ``"default"`` for a requested name (default: the
+    environment's; ``"default"`` is pure torch with the fused FPS on CUDA)."""
+    name = (requested or os.environ.get("CD2P_OPS_BACKEND") or DEFAULT).strip().lower()
+    if name not in (*BACKENDS, DEFAULT):
         raise ValueError(f"CD2P_OPS_BACKEND must be one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "auto":
-        return "cluster" if cluster_available() else "torch"
+        return "cluster" if cluster_available() else DEFAULT
     if name == "cluster" and not cluster_available():
         raise RuntimeError(
             "CD2P_OPS_BACKEND=cluster but torch_cluster cannot be imported; install it with "

@@ -46,15 +46,19 @@ def group_points(
     group_size: int,
     random_start: bool = False,
     generator: torch.Generator | None = None,
+    validate: bool = True,
 ) -> Groups:
     """Split ``points (B, N, 3)`` into ``num_groups`` patches of ``group_size`` neighbours.
 
     Centers come from farthest point sampling; each patch is the ``group_size`` nearest
     points of its center, expressed relative to the center (Point-BERT / Point-MAE tokenizer).
+    ``validate`` also checks that the coordinates are finite (a device sync; models pass
+    ``False``).
     """
-    check_points("points", points)
-    center_idx = farthest_point_sample(points, num_groups, random_start, generator)
+    check_points("points", points, finite=validate)
+    center_idx = farthest_point_sample(points, num_groups, random_start, generator,
+                                       validate=False)  # fmt: skip
     centers = index_points(points, center_idx)
-    neighbor_idx = knn(centers, points, group_size)
+    neighbor_idx = knn(centers, points, group_size, validate=False)
     neighborhoods = index_points(points, neighbor_idx) - centers.unsqueeze(2)
     return Groups(neighborhoods, centers, center_idx, neighbor_idx)

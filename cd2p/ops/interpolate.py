@@ -10,7 +10,11 @@ from cd2p.ops.neighbors import knn, square_distance
 
 
 def three_nn_interpolate(
-    queries: torch.Tensor, known: torch.Tensor, features: torch.Tensor, eps: float = 1e-8
+    queries: torch.Tensor,
+    known: torch.Tensor,
+    features: torch.Tensor,
+    eps: float = 1e-8,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Interpolate ``features`` given at ``known`` points onto ``queries``.
 
@@ -21,10 +25,11 @@ def three_nn_interpolate(
 
     Returns:
         ``(B, N, C)``: for each query, the inverse-squared-distance weighted mean of the
-        features of its three nearest known points (fewer if ``M < 3``).
+        features of its three nearest known points (fewer if ``M < 3``). ``validate`` also
+        checks that the coordinates are finite (a device sync; models pass ``False``).
     """
-    check_points("queries", queries)
-    check_points("known", known)
+    check_points("queries", queries, finite=validate)
+    check_points("known", known, finite=validate)
     check_same_batch("queries", queries, "known", known)
     if features.dim() != 3 or features.shape[:2] != known.shape[:2]:
         raise ValueError(
@@ -32,7 +37,7 @@ def three_nn_interpolate(
             f"got {tuple(features.shape)}"
         )
     k = min(3, known.shape[1])
-    idx = knn(queries, known, k)  # (B, N, k)
+    idx = knn(queries, known, k, validate=False)  # (B, N, k)
     nearest = index_points(known, idx)  # (B, N, k, 3)
     dist = (nearest - queries.unsqueeze(2)).square().sum(-1)
     weight = 1.0 / (dist + eps)

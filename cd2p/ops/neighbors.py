@@ -11,17 +11,25 @@ from cd2p.ops.backend import resolve_backend
 _MAX_CHUNK_ELEMENTS = 1 << 25
 
 
+def _augmented_queries(queries: torch.Tensor) -> torch.Tensor:
+    q = queries.float()
+    return torch.cat([q, torch.ones_like(q[..., :1]), q.square().sum(-1, keepdim=True)], dim=-1)
+
+
+def _augmented_points_t(points: torch.Tensor) -> torch.Tensor:
+    """``[-2p, |p|^2, 1]`` transposed, ``(B, 5, N)``: built once per kNN call, not per chunk."""
+    p = points.float()
+    aug = torch.cat([-2.0 * p, p.square().sum(-1, keepdim=True), torch.ones_like(p[..., :1])], -1)
+    return aug.transpose(1, 2).contiguous()
+
+
 def square_distance(queries: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances ``(B, M, 3) x (B, N, 3) -> (B, M, N)``.
 
     ``|q|^2 - 2 q.p + |p|^2`` as ONE batched matmul of augmented coordinates
     ``[q, 1, |q|^2] . [-2p, |p|^2, 1]``: about 3x faster than adding the norms afterwards.
     """
-    q = queries.float()
-    p = points.float()
-    q_aug = torch.cat([q, torch.ones_like(q[..., :1]), q.square().sum(-1, keepdim=True)], dim=-1)
-    p_aug = torch.cat([-2.0 * p, p.square().sum(-1, keepdim=True), torch.ones_like(p[..., :1])], -1)
-    return torch.bmm(q_aug, p_aug.transpose(1, 2)).clamp_min_(0.0)
+    return torch.bmm(_augmented_queries(queries), _augmented_points_t(points)).clamp_min_(0.0)
 
 
 def knn(
@@ -30,6 +38,7 @@ def knn(
     k: int,
     backend: str | None = None,
     max_chunk_elements: int = _MAX_CHUNK_ELEMENTS,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Indices of the ``k`` nearest ``points`` of every query, nearest first.
 
@@ -39,12 +48,14 @@ def knn(
         k: neighbours per query (``k <= N``).
         backend: ``"torch"``, ``"cluster"`` or ``"auto"``; default from ``CD2P_OPS_BACKEND``.
         max_chunk_elements: bound on ``B * chunk * N`` distances held at once.
+        validate: also check that every coordinate is finite (a device sync; models pass
+            ``False`` and validate where data enters).
 
     Returns:
         ``(B, M, k)`` int64 indices into ``N``, sorted by increasing distance.
     """
-    check_points("queries", queries)
-    check_points("points", points)
+    check_points("queries", queries, finite=validate)
+    check_points("points", points, finite=validate)
     check_same_batch("queries", queries, "points", points)
     n = points.shape[1]
     if k < 1:
@@ -61,9 +72,14 @@ def _knn_torch(queries: torch.Tensor, points: torch.Tensor, k: int, max_elements
     batch, m, _ = queries.shape
     n = points.shape[1]
     chunk = max(1, min(m, max_elements // max(1, batch * n)))
+    points_t = _augmented_points_t(points)  # shared by every chunk
+    queries_aug = _augmented_queries(queries)
+    if chunk >= m:  # one chunk: no output buffer to copy into
+        dist = torch.bmm(queries_aug, points_t).clamp_min_(0.0)
+        return dist.topk(k, dim=-1, largest=False, sorted=True).indices
     out = torch.empty(batch, m, k, dtype=torch.long, device=queries.device)
     for start in range(0, m, chunk):
-        dist = square_distance(queries[:, start : start + chunk], points)
+        dist = torch.bmm(queries_aug[:, start : start + chunk], points_t).clamp_min_(0.0)
         out[:, start : start + chunk] = dist.topk(k, dim=-1, largest=False, sorted=True).indices
     return out
 

@@ -197,7 +197,7 @@ class Cd2pForDetection(Cd2pTaskModel, model_kind="detection"):
         out = self.backbone(points)
         memory = self.encoder_to_decoder(out.tokens.transpose(1, 2)).transpose(1, 2)
         centers = out.centers
-        query_idx = farthest_point_sample(centers.detach(), self.num_queries)
+        query_idx = farthest_point_sample(centers.detach(), self.num_queries, validate=False)
         query_xyz = index_points(centers, query_idx)  # (B, Q, 3)
         query_pos = self.query_projection(
             self.pos_embedding(query_xyz, dims_min, dims_max).transpose(1, 2)
