@@ -253,6 +253,9 @@ class RunResult:
     weights_sha256: list[str] = field(default_factory=list)
     checkpoint: Path | None = None
     resumed_from: int | None = None
+    # Wall-clock seconds of training (evaluations and checkpoints included), summed over the
+    # sessions of a resumed run.
+    wall_seconds: float = 0.0
 
 
 # -- the trainer -----------------------------------------------------------------------------
@@ -339,6 +342,9 @@ class Trainer:
         )
         self.autocast_dtype = self._autocast_dtype()
         self.best: dict[str, Any] | None = None
+        # Wall time of earlier sessions (from the checkpoint) and when this session started.
+        self._wall_before = 0.0
+        self._session_start = time.perf_counter()
 
     # -- setup ------------------------------------------------------------------------------
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -378,7 +384,14 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
-        return {"best": self.best, "total_steps": self.plan.total_steps}
+        return {
+            "best": self.best,
+            "total_steps": self.plan.total_steps,
+            "wall_seconds": self._wall_seconds(),
+        }
+
+    def _wall_seconds(self) -> float:
+        return self._wall_before + time.perf_counter() - self._session_start
 
     def _save(self, step: int) -> Path | None:
         local = capture_rng_state()
@@ -437,6 +450,7 @@ class Trainer:
                 f"the recipe and data now give {self.plan.total_steps}"
             )
         self.best = ckpt.trainer_state.get("best")
+        self._wall_before = float(ckpt.trainer_state.get("wall_seconds", 0.0))
         return ckpt.step
 
     # -- evaluation -------------------------------------------------------------------------
@@ -474,6 +488,7 @@ class Trainer:
         """
         run = self.recipe.run
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._session_start = time.perf_counter()
         start = self._resume() if resume else 0
         if start == 0:
             seed_everything(run.seed + self.dist.rank)
@@ -554,6 +569,7 @@ class Trainer:
             weights_sha256=hashes,
             checkpoint=saved_at,
             resumed_from=start if resume else None,
+            wall_seconds=self._wall_seconds(),
         )
 
     def _step(
