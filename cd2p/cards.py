@@ -190,6 +190,19 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {sec:02d} s"
 
 
+def public_provenance(prov: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A provenance record fit for a public card: local paths reduced to their last part."""
+    if not prov:
+        return None
+    out = dict(prov)
+    if isinstance(out.get("data"), Mapping):
+        data = dict(out["data"])
+        if data.get("path"):
+            data["path"] = Path(str(data["path"])).name
+        out["data"] = data
+    return out
+
+
 def provenance_rows(prov: Mapping[str, Any]) -> list[tuple[str, str]]:
     """``(label, value)`` rows of a provenance record (:mod:`cd2p.provenance`) for people."""
     rows: list[tuple[str, str]] = []
@@ -288,14 +301,17 @@ def runs_markdown(runs: Mapping[str, Any] | None) -> str:
                   f"Models selected on `{runs.get('selection_split')}`, evaluated on "
                   f"`{runs.get('evaluation_split')}`; std is the sample standard deviation "
                   "(n - 1); values in %.", ""]  # fmt: skip
+    own = runs.get("member_metrics") or {}
     for name, group in groups.items():
         if len(groups) > 1:
             lines += [f"**{name}** ({group.get('n')} runs)", ""]
-        lines += ["| metric | mean ± std | min | max | n |", "|---|---|---|---|---|"]
+        lines += ["| metric | mean ± std | min | max | n | this model |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
         for metric, stats in (group.get("metrics") or {}).items():
             lines.append(
                 f"| {metric} | {_pct(stats.get('mean'))} ± {_pct(stats.get('std'))} | "
-                f"{_pct(stats.get('min'))} | {_pct(stats.get('max'))} | {stats.get('n')} |"
+                f"{_pct(stats.get('min'))} | {_pct(stats.get('max'))} | {stats.get('n')} | "
+                f"{_pct(own.get(metric))} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -329,6 +345,7 @@ def card_context(
     """
     recipe_dict = _recipe_dict(recipe)
     metrics = dict(metrics or {})
+    provenance = public_provenance(provenance)
     if base_model is None and recipe_dict is not None:
         init = _find_key(recipe_dict, ("init", "init_from", "pretrained", "base_model"))
         # A Hub id, not a local directory: only those can be linked as the base model.

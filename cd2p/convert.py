@@ -66,13 +66,16 @@ class Layout:
     """A source checkpoint layout: what it becomes and which of its keys take no part in its
     outputs.
 
-    encoder_prefix: where the encoder's keys live. dropped: keys (or key prefixes, matched
-    up to a ``.``) dropped and listed. defaults: the group settings assumed when neither an
-    option nor a config file gives them, taken from ``defaults_from``.
+    target: the cd2p model kind it becomes. head: the source's task head (``none`` for an
+    encoder, ``cls_head_finetune`` for a classifier, ``propagation`` for Point-MAE's part
+    segmentation). encoder_prefix: where the encoder's keys live. dropped: keys (or key
+    prefixes, matched up to a ``.``) dropped and listed. defaults: the group settings assumed
+    when neither an option nor a config file gives them, taken from ``defaults_from``.
     """
 
     name: str
     target: str
+    head: str
     encoder_prefix: str
     dropped: tuple[str, ...]
     defaults: dict[str, int]
@@ -80,34 +83,34 @@ class Layout:
 
 
 POINT_MAE_PRETRAINED = Layout(
-    "point-mae (pre-trained)", "backbone", "MAE_encoder.",
+    "point-mae (pre-trained)", "backbone", "none", "MAE_encoder.",
     ("mask_token", "decoder_pos_embed", "MAE_decoder", "increase_dim"),
     {"num_heads": 6, "num_groups": 64, "group_size": 32}, "Point-MAE's cfgs/pretrain.yaml",
 )  # fmt: skip
 POINT_BERT_PRETRAINED = Layout(
-    "point-bert (pre-trained)", "backbone", "transformer_q.",
+    "point-bert (pre-trained)", "backbone", "none", "transformer_q.",
     ("transformer_k", "dvae", "queue", "queue_ptr", "transformer_q.mask_token",
      "transformer_q.lm_head", "transformer_q.cls_head"),
     {"num_heads": 6, "num_groups": 64, "group_size": 32},
     "Point-BERT's cfgs/Mixup_models/Point-BERT.yaml",
 )  # fmt: skip
 ENCODER = Layout(
-    "point-mae / point-bert encoder", "backbone", "", (),
+    "point-mae / point-bert encoder", "backbone", "none", "", (),
     {"num_heads": 6, "num_groups": 64, "group_size": 32}, "Point-MAE's cfgs/pretrain.yaml",
 )  # fmt: skip
 POINT_MAE_CLASSIFIER = Layout(
-    "point-mae (fine-tuned classifier)", "classification", "", (),
+    "point-mae (fine-tuned classifier)", "classification", "cls_head_finetune", "", (),
     {"num_heads": 6, "num_groups": 64, "group_size": 32, "num_points": 1024},
     "Point-MAE's cfgs/finetune_modelnet.yaml (its ScanObjectNN configs use 128 groups and "
     "2048 points)",
 )  # fmt: skip
 POINT_BERT_CLASSIFIER = Layout(
-    "point-bert (fine-tuned classifier)", "classification", "", (),
+    "point-bert (fine-tuned classifier)", "classification", "cls_head_finetune", "", (),
     {"num_heads": 6, "num_groups": 64, "group_size": 32, "num_points": 1024},
     "Point-BERT's cfgs/ModelNet_models/PointTransformer.yaml",
 )  # fmt: skip
 POINT_MAE_PARTSEG = Layout(
-    "point-mae (part segmentation)", "partseg", "", (),
+    "point-mae (part segmentation)", "partseg", "propagation", "", (),
     {"num_heads": 6, "num_groups": 128, "group_size": 32, "num_points": 2048},
     "Point-MAE's segmentation/models/pt.py and main.py, where they are hard-coded",
 )  # fmt: skip
@@ -244,13 +247,11 @@ def rename_key(layout: Layout, key: str) -> str | object | None:
     or ``None`` for a key the converter does not know."""
     if _is_dropped(layout, key):
         return _DROP
-    if layout.target == "classification":
+    if layout.head == "cls_head_finetune":
         head = re.match(r"^cls_head_finetune\.(.+)$", key)
         if head:
             return f"head.{head[1]}"
-        if key in ("cls_token", "cls_pos"):
-            return key  # the classifier's own class token and its position
-    if layout.target == "partseg":
+    if layout.head == "propagation":
         for pattern, name in _PARTSEG_HEAD:
             match = pattern.match(key)
             if match:
@@ -258,15 +259,22 @@ def rename_key(layout: Layout, key: str) -> str | object | None:
     if not key.startswith(layout.encoder_prefix):
         return None
     rest = key[len(layout.encoder_prefix) :]
-    into = "" if layout.target == "backbone" else "backbone."
+    into = _encoder_into(layout)
     block = _BLOCK_KEY.match(rest)
     if block:
         return f"{into}blocks.{block[1]}.{block[2]}"
     if rest.startswith(_ENCODER_PARTS):
         return into + rest
-    if layout.target == "backbone" and rest in ("cls_token", "cls_pos"):
-        return rest  # Point-BERT's pre-trained encoder prepends a class token
+    if rest in ("cls_token", "cls_pos"):
+        # A fine-tuned classifier's class token, or the one Point-BERT's pre-trained encoder
+        # prepends: top-level names in both cd2p models.
+        return rest
     return None
+
+
+def _encoder_into(layout: Layout) -> str:
+    """Where the encoder's weights go: the model itself (a backbone) or its ``backbone.``."""
+    return "" if layout.head == "none" else "backbone."
 
 
 def rename_state(
@@ -459,7 +467,7 @@ def resolve_settings(
         found = read_source_config(config_file)
         _check_config_matches(Path(config_file), found, facts)
     names = ["num_heads", "num_groups", "group_size", "drop_path_rate"]
-    if layout.target != "backbone":
+    if "num_points" in layout.defaults:  # task models record the points they were trained on
         names.append("num_points")
     settings: dict[str, dict[str, Any]] = {}
     assumed: list[str] = []
@@ -512,12 +520,12 @@ def _build_target(
 ) -> tuple[nn.Module, list[str]]:
     """The cd2p model of ``layout.target`` sized from the weights; returns it and notes."""
     notes: list[str] = []
-    if layout.target == "backbone":
+    if layout.head == "none":
         from cd2p.models.backbone import Cd2pBackbone
 
         return Cd2pBackbone(**backbone), notes
     points = settings["num_points"]["value"]
-    if layout.target == "classification":
+    if layout.head == "cls_head_finetune":
         from cd2p.models.classification import Cd2pForClassification
 
         head = _classifier_head(renamed)
@@ -569,18 +577,17 @@ def convert_point_mae(
     state = _state_dict(load_foreign_checkpoint(source), source)
     layout = detect_layout(state, source)
     renamed, dropped = rename_state(layout, state, source)
-    if layout.target == "partseg" and "label_embed.0.weight" in renamed:
+    if layout.head == "propagation" and "label_embed.0.weight" in renamed:
         # Point-MAE's category embedding is a Conv1d(16, 64, 1) on a length-1 signal: the same
         # weights as cd2p's Linear(16, 64).
         renamed["label_embed.0.weight"] = renamed["label_embed.0.weight"].flatten(1)
-    prefix = "" if layout.target == "backbone" else "backbone."
-    backbone = infer_backbone_config(renamed, prefix, source)
+    backbone = infer_backbone_config(renamed, _encoder_into(layout), source)
     facts: dict[str, Any] = {
         "dim": backbone["dim"],
         "depth": backbone["depth"],
         "patch_out": backbone.get("patch_dim", backbone["dim"]),
     }
-    if layout.target == "classification":
+    if layout.head == "cls_head_finetune":
         facts["num_classes"] = _classifier_head(renamed)["num_classes"]
     options = {"num_heads": num_heads, "num_groups": num_groups, "group_size": group_size,
                "num_points": num_points, "drop_path_rate": drop_path_rate}  # fmt: skip

@@ -144,7 +144,7 @@ def environment(device: Any = None, world_size: int = 1) -> dict[str, Any]:
         "git_commit": commit,
         "git_dirty": dirty,
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "cuda": torch.version.cuda,
         "cudnn": cudnn,
         "platform": platform.platform(terse=True),
@@ -224,6 +224,16 @@ def provenance(
     return out
 
 
+def check_same_data(saved: dict[str, Any] | None, now: dict[str, Any], where: str | Path) -> None:
+    """A resumed run must read the data it started with."""
+    if saved and saved.get("sha256") and saved["sha256"] != now["sha256"]:
+        raise ValueError(
+            f"the prepared data {now['path']} changed since {where} started (fingerprint "
+            f"{saved['sha256'][:12]}... then, {now['sha256'][:12]}... now); a run must read "
+            "one dataset: start a new run"
+        )
+
+
 def combine(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The provenance of several runs on the same data (a multi-seed run, the few-shot folds):
     the shared facts once, wall time and GPU-hours summed, the peak memory maximised and the
@@ -248,6 +258,7 @@ def combine(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 __all__ = [
+    "check_same_data",
     "combine",
     "data_fingerprint",
     "environment",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from cd2p import __version__
+from cd2p.cli.compare import compare
 from cd2p.cli.convert import convert
 from cd2p.cli.demo import demo
 from cd2p.cli.evaluate import evaluate
@@ -32,6 +33,7 @@ def main() -> None:
       cd2p prepare scannet-scenes ROOT SC    ScanNet meshes -> labelled scenes and boxes
       cd2p finetune TASK --init RUN ...      fine-tune (`cd2p finetune --help` lists the tasks)
       cd2p evaluate TASK --model M --data D  metrics, per-class table, plots
+      cd2p compare RUN RUN ...               runs on the same data: mean ± std table and PNG
       cd2p predict segmentation --model M SCAN.ply OUT.ply   your own scan
       cd2p push RUN org/name                 the model and its card on the Hugging Face Hub
       cd2p info                              versions, devices and the geometry-ops backend
@@ -46,6 +48,7 @@ main.add_command(prepare)
 main.add_command(pretrain)
 main.add_command(finetune)
 main.add_command(evaluate)
+main.add_command(compare)
 main.add_command(predict)
 main.add_command(synthetic)
 main.add_command(plot)

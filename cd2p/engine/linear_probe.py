@@ -10,7 +10,9 @@ Run directory::
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,6 @@ from cd2p.config import Recipe
 from cd2p.data.classification import (
     ClassificationSplit,
     PointClassificationDataset,
-    few_shot_subset,
     load_classification_cache,
 )
 from cd2p.engine import distributed as D
@@ -32,6 +33,7 @@ from cd2p.engine.finetune import (
     PROBE_DIR,
     RUN_INFO,
     FinetuneResult,
+    fingerprint_data,
     load_backbone,
 )
 from cd2p.engine.metrics import confusion_matrix, mean_class_accuracy, overall_accuracy
@@ -117,6 +119,7 @@ def run_linear_probe(
     *,
     recipe_name: str | None = None,
     console: Console | None = None,
+    fingerprint: dict[str, Any] | None = None,
 ) -> FinetuneResult:
     """Judge a pre-training without fine-tuning: frozen backbone, max+mean-pooled tokens,
     standardised, then a linear (logistic-regression) classifier whose L2 strength is chosen
@@ -125,6 +128,10 @@ def run_linear_probe(
     Writes ``out/metrics.json`` and ``out/probe/`` (``classifier.safetensors`` with
     ``weight (D, C)``, ``bias``, ``mean``, ``std``; ``probe.json``).
     """
+    from cd2p.provenance import provenance
+    from cd2p.tasks.classification import TASK, run_facts, subset_train, subset_val
+
+    started = time.perf_counter()
     out, data = Path(out), Path(data).resolve()
     check_run_dir(out, resume=False)
     if recipe.task != "classification":
@@ -132,17 +139,19 @@ def run_linear_probe(
             "a linear probe is a classification benchmark (recipe task: classification)"
         )
     cfg = recipe.finetune
+    fingerprint = fingerprint or fingerprint_data(TASK, data)
     train = load_classification_cache(data, cfg.train_split)
     val = load_classification_cache(data, cfg.val_split)
-    if cfg.few_shot is not None:
-        train = few_shot_subset(train, cfg.few_shot, recipe.run.seed, f"{data} ({cfg.train_split})")
+    train = subset_train(recipe, train, f"{data} ({cfg.train_split})")
+    val = subset_val(recipe, val, f"{data} ({cfg.val_split})")
     if init is not None:
         backbone = load_backbone(init)
     else:
         seed_everything(recipe.run.seed)
         backbone = Cd2pBackbone(**recipe.model.backbone_kwargs())
     backbone.num_groups, backbone.group_size = recipe.model.num_groups, recipe.model.group_size
-    backbone.to(D.resolve_device(recipe.run.device)).eval()
+    device = D.resolve_device(recipe.run.device)
+    backbone.to(device).eval()
     n = recipe.data.num_points
     x_train = pooled_features(backbone, train, n, cfg.eval_batch_size)
     x_val = pooled_features(backbone, val, n, cfg.eval_batch_size)
@@ -171,9 +180,17 @@ def run_linear_probe(
             "class_names": train.class_names,
             "num_points": n,
             "features": "max+mean of tokens",
-            "few_shot": cfg.few_shot,
+            **run_facts(recipe),
             "train_shapes": len(train),
         },
+    )
+    prov = provenance(
+        data=fingerprint,
+        recipe=recipe,
+        recipe_name=recipe_name,
+        seeds=[recipe.run.seed],
+        wall_time_s=time.perf_counter() - started,
+        device=device,
     )
     atomic_write_json(
         out / FINAL_METRICS,
@@ -182,10 +199,15 @@ def run_linear_probe(
             **metrics,
             "l2": l2,
             "split": cfg.val_split,
+            "selected_on": f"{cfg.train_split} (a held-out fifth, for the L2 strength)",
+            "evaluated_on": cfg.val_split,
+            "metric_names": list(metrics),
+            "samples": len(val),
             "data": str(data),
-            "few_shot": cfg.few_shot,
+            **run_facts(recipe),
             "train_shapes": len(train),
             "confusion_matrix": conf.tolist(),
+            "provenance": prov,
         },
     )
     from cd2p.config import save_recipe
@@ -198,6 +220,8 @@ def run_linear_probe(
             "data": str(data),
             "init": str(init) if init is not None else None,
             "recipe_name": recipe_name,
+            **run_facts(recipe),
+            "data_fingerprint": fingerprint,
         },
     )
     return FinetuneResult(None, None, metrics, None, recipe)
