@@ -207,6 +207,7 @@ def _evaluate_multirun(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from cd2p.cli._common import multirun_table
+    from cd2p.engine import distributed as D
     from cd2p.engine.finetune import fingerprint_data
     from cd2p.engine.multirun import evaluate_multirun
     from cd2p.provenance import provenance
@@ -214,8 +215,10 @@ def _evaluate_multirun(
 
     spec = get_task(task)
     started = time.perf_counter()
+    D.init_distributed(device)  # scene tasks split their scenes over torchrun's processes
     with Progress(TextColumn("[bold]evaluate {task.description}"), BarColumn(),
-                  MofNCompleteColumn(), TextColumn(spec.item_name), console=console) as bar:
+                  MofNCompleteColumn(), TextColumn(spec.item_name), console=console,
+                  disable=not is_main_process()) as bar:
 
         def on_member(name: str, count: int):
             job = bar.add_task(name, total=count)
@@ -224,6 +227,9 @@ def _evaluate_multirun(
         summary = evaluate_multirun(task, run_dir, data, split, votes, num_points=num_points,
                                     batch_size=batch_size, device=resolve_device(device),
                                     on_member=on_member)  # fmt: skip
+    if not is_main_process():
+        D.cleanup()
+        return
     title = f"{run_dir} on {data} ({split}" + (f", {votes} votes)" if votes > 1 else ")")
     console.print(multirun_table(summary, title))
     if out is not None:
@@ -233,3 +239,4 @@ def _evaluate_multirun(
             device=resolve_device(device))  # fmt: skip
         atomic_write_json(out / "metrics.json", summary)
         console.print(f"wrote {out / 'metrics.json'}")
+    D.cleanup()
