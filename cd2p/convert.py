@@ -477,7 +477,7 @@ def resolve_settings(
         elif name in found:
             value, source = found[name], Path(config_file).name  # type: ignore[arg-type]
         elif name == "drop_path_rate":  # training only: it does not change the outputs
-            value, source = 0.1, "default (training only)"
+            value, source = 0.1, "default; it only affects training"
         else:
             value, source = layout.defaults[name], f"assumed: {layout.defaults_from}"
             assumed.append(name)

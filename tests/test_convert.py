@@ -428,11 +428,13 @@ def test_point_mae_pretrained_encoder_and_assumed_group_settings(tmp_path):
     source = randomised(PointMAEPretrain())
     ckpt = tmp_path / "pretrain.pth"
     torch.save({"base_model": source.state_dict(), "epoch": 300}, ckpt)
-    report = convert_point_mae(ckpt, tmp_path / "out", num_heads=HEADS)
-    assert report.layout == "point-mae (pre-trained)"
-    assert report.assumed == ["num_groups", "group_size"]
-    assert report.dropped_summary == ["mask_token", "decoder_pos_embed.* (4 tensors)",
-                                      "MAE_decoder.* (11 tensors)", "increase_dim.* (2 tensors)"]
+    res = CliRunner().invoke(main, ["convert", "point-mae", str(ckpt), str(tmp_path / "out"),
+                                    "--num-heads", str(HEADS)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "point-mae (pre-trained)" in text and "2 (--num-heads)" in text
+    assert "no option or --config): num_groups=64, group_size=32" in text
+    assert "decoder_pos_embed.* (4 tensors)" in text and "increase_dim.* (2 tensors)" in text
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Assumed" in card and "Point-MAE's cfgs/pretrain.yaml" in card
     config = json.loads((tmp_path / "out" / "config.json").read_text())

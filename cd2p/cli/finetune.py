@@ -20,6 +20,8 @@ from cd2p.cli._common import (
     user_errors,
 )
 
+FEW_SHOT_RECIPE = "finetune-modelnet40-fewshot"
+
 
 def _task_lines() -> str:
     from cd2p.tasks import all_tasks
@@ -82,7 +84,8 @@ def _task_lines() -> str:
     "--few-shot-protocol",
     is_flag=True,
     help="Classification: Point-BERT's few-shot benchmark: N-way K-shot episodes (--ways, "
-    "--shots), --folds folds each, --queries test shapes per class; mean ± std over the folds.",
+    "--shots), --folds folds each, --queries test shapes per class; mean ± std over the folds "
+    f"[default recipe: {FEW_SHOT_RECIPE}].",
 )
 @click.option("--ways", default="5,10", show_default=True, metavar="LIST",
               help="--few-shot-protocol: the N of the N-way episodes.")
@@ -126,8 +129,8 @@ def finetune(
           --linear-probe --few-shot 5 --out runs/mn40-5shot
       cd2p finetune classification --data prepared/modelnet40 --init runs/distill \\
           --seeds 0,1,2,3,4 --out runs/mn40-5seeds        # mean ± std over 5 models
-      cd2p finetune classification --recipe finetune-modelnet40-fewshot \\
-          --data prepared/modelnet40 --init runs/distill --few-shot-protocol --out runs/fs
+      cd2p finetune classification --data prepared/modelnet40 --init runs/distill \\
+          --few-shot-protocol --out runs/mn40-fewshot     # 5/10-way x 10/20-shot x 10 folds
 
     Under torchrun (`torchrun --nproc-per-node 8 -m cd2p finetune ...`) data.batch_size is
     the global batch; evaluation of scene tasks is split over the processes.
@@ -162,7 +165,8 @@ def finetune(
     else:
         if out is None or data is None:
             raise click.UsageError("a new run needs --data PREPARED and --out RUN (or --resume)")
-        name = recipe_arg or spec.default_recipe
+        # The few-shot protocol has its own standard settings (Point-MAE's cfgs/fewshot.yaml).
+        name = recipe_arg or (FEW_SHOT_RECIPE if few_shot_protocol else spec.default_recipe)
         extra = ["finetune.linear_probe=true"] if linear_probe else []
         if few_shot is not None:
             extra.append(f"finetune.few_shot={few_shot}")
