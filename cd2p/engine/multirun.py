@@ -49,7 +49,7 @@ from cd2p.engine.finetune import (
     run_finetune,
 )
 from cd2p.engine.trainer import check_run_dir
-from cd2p.provenance import check_same_data, combine
+from cd2p.provenance import check_same_data, combine, recipe_sha256
 from cd2p.tasks import get_task
 
 MULTIRUN_INFO = "multirun.json"
@@ -367,8 +367,18 @@ def summarize_multirun(out: str | Path) -> dict[str, Any]:
         "missing": missing,
         "groups": summarize_groups(per_member, groups),
         "members": records,
-        "provenance": {**combine(provenances), "data": info.get("data_fingerprint")},
+        "provenance": {
+            **combine(provenances),
+            "data": info.get("data_fingerprint"),
+            "recipe": {"name": info.get("recipe_name"), "sha256": _recipe_hash(out)},
+        },
     }
+
+
+def _recipe_hash(out: Path) -> str | None:
+    """The SHA-256 of the base recipe (each member's differs by its seed or episode)."""
+    path = out / "recipe.yaml"
+    return recipe_sha256(path.read_text()) if path.is_file() else None
 
 
 def member_runs_context(summary: Mapping[str, Any], member: str) -> dict[str, Any]:

@@ -6,7 +6,9 @@ then scale-and-translate, drawn per step from the step's generator. Model:
 :class:`~cd2p.models.classification.Cd2pForClassification`. Evaluation: overall and mean class
 accuracy, with and without voting (Point-MAE's test-time views). Settings: the recipe's
 ``finetune`` section; with ``finetune.linear_probe`` the job is a linear probe instead
-(:mod:`cd2p.engine.linear_probe`), with ``finetune.few_shot: K`` it trains on K shapes per class.
+(:mod:`cd2p.engine.linear_probe`), with ``finetune.few_shot: K`` it trains on K shapes per
+class, and with ``finetune.few_shot_way: N`` on an N-way K-shot episode of Point-BERT's
+few-shot protocol (selected and evaluated on the episode's test shapes).
 """
 
 from __future__ import annotations
@@ -296,6 +298,10 @@ __all__ = [
     "build_model",
     "classification_logits",
     "evaluate",
+    "recipe_episode",
+    "run_facts",
+    "subset_train",
+    "subset_val",
     "train_dataset",
     "vote_view",
 ]
