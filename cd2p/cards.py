@@ -173,6 +173,150 @@ def _training_summary(recipe: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v not in (None, "")}
 
 
+def _fmt_bytes(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {sec:02d} s"
+
+
+def public_provenance(prov: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A provenance record fit for a public card: local paths reduced to their last part."""
+    if not prov:
+        return None
+    out = dict(prov)
+    if isinstance(out.get("data"), Mapping):
+        data = dict(out["data"])
+        if data.get("path"):
+            data["path"] = Path(str(data["path"])).name
+        out["data"] = data
+    return out
+
+
+def provenance_rows(prov: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(label, value)`` rows of a provenance record (:mod:`cd2p.provenance`) for people."""
+    rows: list[tuple[str, str]] = []
+    commit = prov.get("git_commit")
+    version = str(prov.get("cd2p_version", "?"))
+    if commit:
+        version += f" (git {str(commit)[:12]}{', modified' if prov.get('git_dirty') else ''})"
+    rows.append(("cd2p", version))
+    rows.append(("torch / CUDA / cuDNN",
+                 f"{prov.get('torch')} / {prov.get('cuda') or 'none'} / "
+                 f"{prov.get('cudnn') or 'none'}"))  # fmt: skip
+    hw = prov.get("hardware") or {}
+    if hw:
+        device = (f"{hw.get('gpus', 1)} x {hw['gpu']}" if hw.get("gpu")
+                  else f"CPU, {hw.get('processes', 1)} process(es)")  # fmt: skip
+        rows.append(("hardware", f"{device}; {hw.get('cpu_count')} CPU cores ({hw.get('cpu')})"))
+    data = prov.get("data") or {}
+    if data.get("sha256"):
+        rows.append(("data fingerprint", f"sha256 `{data['sha256'][:16]}…` "
+                     f"({data.get('files')} files, {_fmt_bytes(data.get('bytes') or 0)})"))
+    recipe = prov.get("recipe") or {}
+    if recipe.get("sha256"):
+        rows.append(("recipe", f"{recipe.get('name') or 'custom'}, sha256 "
+                     f"`{recipe['sha256'][:16]}…`"))  # fmt: skip
+    if prov.get("seeds") is not None:
+        rows.append(("seeds", ", ".join(str(s) for s in prov["seeds"])))
+    if prov.get("wall_time_s") is not None:
+        rows.append(("wall time", f"{_fmt_seconds(prov['wall_time_s'])} "
+                     f"({prov.get('gpu_hours', 0):.3g} GPU-hours)"))  # fmt: skip
+    if prov.get("samples_per_s"):
+        rows.append(("training throughput", f"{prov['samples_per_s']:.1f} samples/s "
+                     f"({prov.get('train_samples')} samples in "
+                     f"{_fmt_seconds(prov.get('train_time_s') or 0)} of steps)"))  # fmt: skip
+    if prov.get("peak_memory_mb"):
+        rows.append(("peak memory", f"{prov['peak_memory_mb']:.0f} MB"))
+    return rows
+
+
+def provenance_markdown(prov: Mapping[str, Any] | None) -> str:
+    """The card's "Provenance" section."""
+    if not prov:
+        return ""
+    lines = ["## Provenance", "", "| | |", "|---|---|"]
+    lines += [f"| {label} | {value} |" for label, value in provenance_rows(prov)]
+    lines += ["", "The same facts are in the card's metadata (`cd2p_provenance`) and in the "
+              "run's `metrics.json`.", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def converted_markdown(converted: Mapping[str, Any] | None) -> str:
+    """What a converted model's card says about its source (``cd2p convert point-mae``)."""
+    if not converted:
+        return ""
+    sha = converted.get("sha256")
+    lines = [
+        f"**Converted** from the {converted.get('layout')} checkpoint `{converted.get('file')}`"
+        + (f" (sha256 `{sha[:16]}…`)" if sha else "")
+        + " with `cd2p convert point-mae`; its weights were not trained by cd2p, and it "
+        "computes the source model's outputs. "
+        f"{converted.get('kept')} tensors kept and renamed; dropped (no part in the outputs): "
+        f"{', '.join(converted.get('dropped') or []) or 'nothing'}.",
+        "",
+    ]
+    settings = converted.get("settings") or {}
+    if settings:
+        lines += ["| setting not stored in the weights | value | from |", "|---|---|---|"]
+        lines += [f"| {k} | {v.get('value')} | {v.get('source')} |" for k, v in settings.items()]
+        lines.append("")
+    assumed = converted.get("assumed") or []
+    if assumed:
+        values = ", ".join(f"{k} = {settings.get(k, {}).get('value')}" for k in assumed)
+        lines += [f"**Assumed** (no option or config file gave them): {values}. If the source "
+                  "model used other values, its outputs differ: convert again with "
+                  "`--config <its cfgs/*.yaml>` or the options.", ""]  # fmt: skip
+    lines += [f"Note: {note}" for note in converted.get("notes") or []]
+    return "\n".join(lines) + "\n"
+
+
+def _pct(value: Any) -> str:
+    if not _is_number(value):
+        return "—"
+    return f"{100 * value:.2f}" if abs(value) <= 1.0 else f"{value:.4g}"
+
+
+def runs_markdown(runs: Mapping[str, Any] | None) -> str:
+    """The card section of a model that is one member of a multi-seed run (or of the few-shot
+    protocol): every metric over all members, mean ± std with min and max."""
+    if not runs:
+        return ""
+    groups = runs.get("groups") or {}
+    lines = ["## Over " + str(runs.get("description") or "several runs"), ""]
+    member = runs.get("member")
+    if member:
+        lines += [f"This model is `{member}` of a run of {runs.get('members')} models "
+                  f"(`{runs.get('command', 'cd2p finetune')}`), all on the same data and recipe. "
+                  f"Models selected on `{runs.get('selection_split')}`, evaluated on "
+                  f"`{runs.get('evaluation_split')}`; std is the sample standard deviation "
+                  "(n - 1); values in %.", ""]  # fmt: skip
+    own = runs.get("member_metrics") or {}
+    for name, group in groups.items():
+        if len(groups) > 1:
+            lines += [f"**{name}** ({group.get('n')} runs)", ""]
+        lines += ["| metric | mean ± std | min | max | n | this model |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for metric, stats in (group.get("metrics") or {}).items():
+            lines.append(
+                f"| {metric} | {_pct(stats.get('mean'))} ± {_pct(stats.get('std'))} | "
+                f"{_pct(stats.get('min'))} | {_pct(stats.get('max'))} | {stats.get('n')} | "
+                f"{_pct(own.get(metric))} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def card_context(
     *,
     model_kind: str,
@@ -185,17 +329,23 @@ def card_context(
     training: Mapping[str, Any] | None = None,
     dataset: Any = None,
     base_model: str | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    runs: Mapping[str, Any] | None = None,
+    converted_from: Mapping[str, Any] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """Everything a ``hubcards/`` template may use (see ``generate_model_card``).
 
     Adds, derived from the inputs: ``recipe_yaml`` (text), ``dataset`` (mapping or None),
     ``base_model`` (a Hub id or None), ``comparison`` (rows ``label, value, scratch,
-    point_mae, paper`` of the paper's results with this model's matching metric) and
-    ``task`` (``type``, ``name``).
+    point_mae, paper`` of the paper's results with this model's matching metric),
+    ``task`` (``type``, ``name``), and the markdown sections ``provenance_md`` (from
+    ``provenance``, :mod:`cd2p.provenance`), ``runs_md`` (the multi-seed / few-shot summary
+    ``runs``) and ``converted_md`` (``converted_from``, a converter's record).
     """
     recipe_dict = _recipe_dict(recipe)
     metrics = dict(metrics or {})
+    provenance = public_provenance(provenance)
     if base_model is None and recipe_dict is not None:
         init = _find_key(recipe_dict, ("init", "init_from", "pretrained", "base_model"))
         # A Hub id, not a local directory: only those can be linked as the base model.
@@ -228,6 +378,12 @@ def card_context(
         "base_model": base_model,
         "comparison": comparison,
         "task": hub_task(model_kind),
+        "provenance": dict(provenance) if provenance else None,
+        "provenance_md": provenance_markdown(provenance),
+        "runs": dict(runs) if runs else None,
+        "runs_md": runs_markdown(runs),
+        "converted_from": dict(converted_from) if converted_from else None,
+        "converted_md": converted_markdown(converted_from),
         **extra,
     }
 
@@ -246,6 +402,10 @@ def card_metadata(context: Mapping[str, Any], base: ModelCardData) -> ModelCardD
     data.model_name = repo_id.split("/")[-1] if repo_id != "path/to/model" else (
         f"cd2p-{context['model_kind']}"
     )
+    if context.get("provenance"):
+        data.cd2p_provenance = context["provenance"]
+    if context.get("runs"):
+        data.cd2p_runs = {k: v for k, v in context["runs"].items() if k != "description"}
     numeric = {k: v for k, v in (context.get("metrics") or {}).items() if _is_number(v)}
     if numeric:
         task = context["task"]

@@ -166,6 +166,12 @@ class FinetuneConfig:
     # Few-shot classification: train on K shapes per class of train_split, drawn with run.seed
     # (null: the whole split). Works with fine-tuning and with linear_probe.
     few_shot: int | None = None
+    # Point-BERT's N-way K-shot protocol: with few_shot_way N, an episode of N classes drawn
+    # with run.seed (fold few_shot_fold): few_shot (K) training shapes of each, and the model is
+    # selected and evaluated on few_shot_queries shapes of each from val_split.
+    few_shot_way: int | None = None
+    few_shot_fold: int = 0
+    few_shot_queries: int = 20
 
 
 @dataclass

@@ -142,6 +142,13 @@ def resolve_push_source(path: str | Path) -> tuple[Path, Path | None]:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory (expected a run or a model directory)")
+    if (path / "multirun.json").is_file():
+        first = next((p.parent for p in sorted(path.glob("**/model/config.json"))), None)
+        example = f", e.g. {first.relative_to(path.parent)}" if first else ""
+        raise ValueError(
+            f"{path} is a multi-seed / few-shot run of several models: push one of them"
+            f"{example} (every member's card carries the summary over all of them)"
+        )
 
     def is_model(p: Path) -> bool:
         return all((p / name).is_file() for name in MODEL_FILES)
@@ -191,6 +198,8 @@ def _run_summary(run_dir: Path | None) -> dict[str, Any]:
                     and k not in _BOOKKEEPING
                 }
                 out["metrics_source"] = name
+                if isinstance(data.get("provenance"), dict):
+                    out["provenance"] = data["provenance"]
                 dataset = data.get("dataset") or data.get("source")
                 if isinstance(dataset, str):
                     out["dataset"] = {"name": dataset}
@@ -225,7 +234,23 @@ def _run_summary(run_dir: Path | None) -> dict[str, Any]:
             training["final training loss"] = f"{last['loss']:.4g}"
     if training:
         out["training"] = training
+    runs = _multirun_context(run_dir)
+    if runs:
+        out["runs"] = runs
     return out
+
+
+def _multirun_context(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of the multi-seed / few-shot run that ``run_dir`` is a member of."""
+    from cd2p.engine.multirun import SUMMARY, is_multirun, member_runs_context
+
+    for parent in (run_dir.parent, run_dir.parent.parent):
+        if is_multirun(parent) and (parent / SUMMARY).is_file():
+            summary = _read_json(parent / SUMMARY)
+            member = run_dir.relative_to(parent).as_posix()
+            if isinstance(summary, dict) and member in (summary.get("members") or {}):
+                return member_runs_context(summary, member)
+    return None
 
 
 def _existing_card_data(model_dir: Path) -> dict[str, Any]:
@@ -238,6 +263,8 @@ def _existing_card_data(model_dir: Path) -> dict[str, Any]:
         data = ModelCard.load(readme).data
         if getattr(data, "base_model", None):
             out["base_model"] = data.base_model
+        if isinstance(getattr(data, "cd2p_provenance", None), dict):
+            out["provenance"] = data.cd2p_provenance
         results = getattr(data, "eval_results", None) or []
         if results:
             out["metrics"] = {r.metric_name or r.metric_type: r.metric_value for r in results}

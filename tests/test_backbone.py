@@ -87,3 +87,33 @@ def test_backbone_trains():
     out = model(torch.rand(2, 128, 3))
     out.tokens.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_point_bert_parts_are_optional_and_absent_by_default(tmp_path):
+    import json
+
+    plain = Cd2pBackbone(dim=32, depth=2, num_heads=2, num_groups=8, group_size=8)
+    plain.save_pretrained(tmp_path / "plain")
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert "patch_dim" not in config and "class_token" not in config
+    assert not [k for k in plain.state_dict() if k.startswith(("reduce_dim", "cls_"))]
+    assert plain(torch.rand(1, 64, 3)).class_token is None
+
+    bert = Cd2pBackbone(dim=32, depth=2, num_heads=2, num_groups=8, group_size=8,
+                        patch_dim=16, class_token=True).eval()
+    assert bert.encoder.second_conv[3].out_channels == 16 and bert.reduce_dim.in_features == 16
+    assert bert.no_weight_decay() == {"cls_token", "cls_pos"}
+    pts = torch.rand(2, 64, 3)
+    out = bert(pts, output_hidden_states=True)
+    assert out.tokens.shape == (2, 8, 32) and out.class_token.shape == (2, 32)
+    assert all(h.shape == (2, 8, 32) for h in out.hidden_states)
+    # The class token takes part in attention: without it the patch tokens differ.
+    groups = bert.group(pts)
+    tokens, pos = bert.embed(groups.neighborhoods, groups.centers)
+    bert.class_token = False
+    without, _ = bert.encode(tokens, pos)
+    bert.class_token = True
+    assert not torch.allclose(without, out.tokens)
+    bert.save_pretrained(tmp_path / "bert")
+    again = Cd2pBackbone.from_pretrained(tmp_path / "bert")
+    assert torch.equal(again(pts).class_token, out.class_token)

@@ -1,5 +1,6 @@
-"""Few-shot classification: the K-per-class draw, and `cd2p finetune classification --few-shot K`
-end to end (linear probe and fine-tuning) on a tiny synthetic dataset written in the real format."""
+"""Few-shot classification: the K-per-class draw, `cd2p finetune classification --few-shot K`
+end to end (linear probe and fine-tuning), and Point-BERT's N-way K-shot episodes and
+`--few-shot-protocol`, on a tiny synthetic dataset written in the real format."""
 
 import json
 
@@ -8,7 +9,12 @@ import torch
 from click.testing import CliRunner
 
 from cd2p.cli import main
-from cd2p.data.classification import few_shot_subset, load_classification_cache
+from cd2p.data.classification import (
+    Episode,
+    episode_split,
+    few_shot_subset,
+    load_classification_cache,
+)
 from cd2p.data.modelnet40 import prepare_modelnet40
 from cd2p.data.synthetic_shapes import synthetic_modelnet40
 
@@ -106,3 +112,64 @@ def test_cli_few_shot_fine_tuning(shapes, tmp_path):
                                         str(tmp_path / "seg"), "--few-shot", "2"])  # fmt: skip
     assert partseg.exit_code != 0
     assert "--few-shot is for classification" in " ".join(partseg.output.split())
+
+
+def test_episodes_are_balanced_disjoint_and_a_pure_function_of_the_seed(shapes):
+    train = load_classification_cache(shapes, "train")
+    test = load_classification_cache(shapes, "test")
+    episode = Episode(way=3, shot=2, fold=0, seed=0, queries=2)
+    support, queries = episode_split(train, episode, "train"), episode_split(test, episode, "test")
+    # Balanced: K shapes of each of the N classes for training, `queries` of each for testing.
+    assert torch.bincount(support.labels).tolist() == [2, 2, 2]
+    assert torch.bincount(queries.labels).tolist() == [2, 2, 2]
+    assert support.class_names == queries.class_names and len(set(support.class_names)) == 3
+    # Disjoint: no shape twice, none both for training and testing.
+    assert len(set(support.shape_ids)) == 6 and len(set(queries.shape_ids)) == 6
+    assert not set(support.shape_ids) & set(queries.shape_ids)
+    # Episode labels 0..N-1 name the chosen classes; points travel with their ids.
+    for split, part in ((train, support), (test, queries)):
+        for i, shape_id in enumerate(part.shape_ids):
+            j = split.shape_ids.index(shape_id)
+            assert split.class_names[split.labels[j]] == part.class_names[part.labels[i]]
+            assert torch.equal(part.points[i], split.points[j])
+    # Reproducible: a pure function of (seed, way, shot, fold); the folds differ.
+    again = episode_split(train, Episode(3, 2, 0, 0, queries=3), "train")
+    assert again.shape_ids == support.shape_ids and torch.equal(again.labels, support.labels)
+    folds = {tuple(episode_split(train, Episode(3, 2, f, 0, 2), "train").shape_ids)
+             for f in range(5)}  # fmt: skip
+    assert len(folds) == 5
+    assert episode_split(train, Episode(3, 2, 0, 1, 2), "train").shape_ids != support.shape_ids
+    with pytest.raises(ValueError, match="has 3 shapes, fewer than the 4 test shapes"):
+        episode_split(test, Episode(2, 2, 0, 0, queries=4), "test", "the test split")
+    with pytest.raises(ValueError, match="a 5-way episode needs 5 classes; the data has 4"):
+        episode_split(train, Episode(5, 1, 0), "train")
+
+
+def test_few_shot_protocol_trains_every_fold_and_saves_the_folds(shapes, tmp_path):
+    out = tmp_path / "protocol"
+    result = run_cli("--recipe", "finetune-synthetic-shapes", "--data", str(shapes), "--out",
+                     str(out), "--few-shot-protocol", "--ways", "2", "--shots", "2", "--folds",
+                     "2", "--queries", "3", "--no-progress", "--set", "schedule.epochs=1",
+                     "--set", "schedule.warmup_epochs=0",
+                     *[a for s in TINY_SETS for a in ("--set", s)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    folds = json.loads((out / "few_shot_folds.json").read_text())["folds"]
+    assert sorted(folds) == ["2way-2shot/fold-0", "2way-2shot/fold-1"]
+    train = load_classification_cache(shapes, "train")
+    for name, fold in folds.items():
+        assert len(fold["classes"]) == 2 and len(fold["train"]) == 4 and len(fold["test"]) == 6
+        expected = episode_split(train, Episode(2, 2, fold["fold"], 0, 3), "train")
+        assert fold["train"] == expected.shape_ids  # the saved folds are the trained ones
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        assert metrics["samples"] == 6 and metrics["few_shot_way"] == 2
+        assert metrics["few_shot_fold"] == fold["fold"] and metrics["train_shapes"] == 4
+        config = json.loads((out / name / "model" / "config.json").read_text())
+        assert config["class_names"] == fold["classes"]
+    summary = json.loads((out / "summary.json").read_text())
+    group = summary["groups"]["2-way 2-shot"]
+    assert group["n"] == 2 and group["metrics"]["oa"]["n"] == 2
+    card = (out / "2way-2shot/fold-1" / "model" / "README.md").read_text()
+    assert "2-way 2-shot episode (fold 1" in card and "## Over the 2 folds of 2-way 2-shot" in card
+    both = run_cli("--data", str(shapes), "--out", str(tmp_path / "x"), "--few-shot-protocol",
+                   "--seeds", "0,1")  # fmt: skip
+    assert both.exit_code != 0 and "not combined with --seeds" in " ".join(both.output.split())

@@ -102,3 +102,31 @@ def test_unknown_kind_and_missing_module_give_clear_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "cd2p.models.partseg", None)  # as if not installed
     with pytest.raises(ValueError, match="'partseg' is not available in this cd2p"):
         model_class("partseg")
+
+
+@pytest.mark.parametrize("kind", AVAILABLE)
+def test_every_card_carries_provenance_and_the_spread_over_seeds(kind, tmp_path):
+    from cd2p.provenance import provenance
+
+    prov = provenance(data={"sha256": "ab" * 32, "files": 3, "bytes": 4096,
+                            "path": "/home/me/private/prepared", "source": "modelnet40"},
+                      seeds=[2], wall_time_s=7200.0,
+                      device=torch.device("cpu"))  # fmt: skip
+    runs = {"description": "3 seeds", "member": "seed-2", "members": 3,
+            "member_metrics": {"oa": 0.9}, "selection_split": "test",
+            "evaluation_split": "test", "command": "cd2p finetune classification --seeds 0,1,2",
+            "groups": {"3 seeds": {"n": 3, "metrics": {"oa": {"mean": 0.91, "std": 0.01,
+                                                              "min": 0.9, "max": 0.92,
+                                                              "n": 3}}}}}  # fmt: skip
+    model = tiny_model(kind).eval()
+    model.save_pretrained(tmp_path, model_card_kwargs={"metrics": {"oa": 0.9},
+                                                       "provenance": prov, "runs": runs})
+    card = ModelCard.load(tmp_path / "README.md")  # the metadata still parses
+    assert card.data.cd2p_provenance["data"]["sha256"] == "ab" * 32
+    assert card.data.cd2p_provenance["data"]["path"] == "prepared"  # no local paths
+    assert card.data.cd2p_provenance["seeds"] == [2]
+    assert card.data.cd2p_runs["groups"]["3 seeds"]["metrics"]["oa"]["std"] == 0.01
+    assert card.data.eval_results[0].metric_value == 0.9
+    assert "| oa | 91.00 ± 1.00 | 90.00 | 92.00 | 3 | 90.00 |" in card.text
+    assert "| wall time | 2 h 00 min (0 GPU-hours) |" in card.text
+    assert "/home/me" not in card.text

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from huggingface_hub import ModelCard
 
 from cd2p import Cd2pBackbone
 from cd2p.cli import main
@@ -21,6 +22,7 @@ from cd2p.data.synthetic import generate_synthetic_scannet
 from cd2p.data.teacher_targets import write_targets
 from cd2p.engine import load_checkpoint, read_metrics, weights_sha256
 from cd2p.engine.pretrain import PretrainStep, build_pretrain_model, run_pretrain
+from cd2p.provenance import data_fingerprint
 
 # A student small enough to train for a hundred steps in seconds on 2 cores.
 TINY = (
@@ -102,6 +104,13 @@ def test_distillation_loss_falls_and_the_student_exports(pairs: Path, tmp_path: 
     assert summary["final_loss"] == pytest.approx(losses[-1])
     info = json.loads((run_dir / "run.json").read_text())
     assert info["targets"] == "stored" and info["data"] == [str(pairs.resolve())]
+    # Provenance: the pairs and their targets hashed, the steps' throughput, in the summary
+    # and in the backbone card's metadata.
+    prov = summary["provenance"]
+    assert prov["data"]["sha256"] == data_fingerprint([pairs.resolve()])["sha256"]
+    assert prov["data"] == info["data_fingerprint"] and prov["steps"] == 80
+    assert prov["train_samples"] == 80 * recipe.data.batch_size and prov["samples_per_s"] > 0
+    assert ModelCard.load(run_dir / "backbone" / "README.md").data.cd2p_provenance["seeds"] == [0]
 
 
 def test_mae_loss_falls(pairs: Path, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from cd2p import __version__
+from cd2p.cli.compare import compare
 from cd2p.cli.convert import convert
 from cd2p.cli.demo import demo
 from cd2p.cli.embed import embed
@@ -37,6 +38,7 @@ def main() -> None:
       cd2p prepare modelnet40|scanobjectnn|shapenetpart|scannet-scenes ROOT DATA
       cd2p finetune TASK --init RUN ...      fine-tune (`cd2p finetune --help` lists the tasks)
       cd2p evaluate TASK --model M --data D  metrics, per-class table, plots
+      cd2p compare RUN RUN ...               runs on the same data: mean ± std table and PNG
       cd2p plot RUN                          a run's curves as RUN/metrics.png
       cd2p predict TASK --model M SCAN OUT   your own scan (segmentation, detection)
       cd2p embed --model M CLOUDS --out F    pre-trained features of your own clouds
@@ -57,6 +59,7 @@ main.add_command(prepare)
 main.add_command(pretrain)
 main.add_command(finetune)
 main.add_command(evaluate)
+main.add_command(compare)
 main.add_command(predict)
 main.add_command(embed)
 main.add_command(synthetic)

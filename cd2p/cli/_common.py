@@ -130,6 +130,39 @@ def resolve_device(name: str) -> torch.device:
         raise click.BadParameter(reason, param_hint="--device") from None
 
 
+def _pct(value: Any) -> str:
+    if not isinstance(value, int | float) or value != value:  # None or NaN
+        return "-"
+    return f"{100 * value:.2f}"
+
+
+def multirun_table(summary: dict[str, Any], title: str) -> Table:
+    """Every metric of a multi-seed / few-shot run: mean ± std, min, max and each member's value
+    (in %), one block of rows per group, with the splits the results were selected and
+    evaluated on in the caption."""
+    table = Table(title=title, title_justify="left")
+    for header in ("group", "metric", "mean ± std", "min", "max", "n", "values"):
+        table.add_column(header, justify="left" if header in ("group", "metric") else "right")
+    for group, block in (summary.get("groups") or {}).items():
+        for i, (metric, stats) in enumerate((block.get("metrics") or {}).items()):
+            table.add_row(
+                group if i == 0 else "",
+                metric,
+                f"{_pct(stats['mean'])} ± {_pct(stats['std'])}",
+                _pct(stats["min"]),
+                _pct(stats["max"]),
+                str(stats["n"]),
+                " ".join(_pct(v) for v in stats.get("values", [])),
+            )
+        table.add_section()
+    selected = summary.get("selection_split")
+    evaluated = summary.get("evaluation_split") or summary.get("split")
+    parts = [f"selected on {selected}" if selected else "", f"evaluated on {evaluated}"
+             if evaluated else "", "std: sample (n - 1)"]  # fmt: skip
+    table.caption = "; ".join(p for p in parts if p)
+    return table
+
+
 def key_value_table(title: str) -> Table:
     """The two-column (name, value) summary table the commands print at the end."""
     table = Table(title=title, show_header=False)

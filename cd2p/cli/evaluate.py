@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import click
@@ -32,7 +33,8 @@ def _pct(value: float | None) -> str:
     "--model",
     "model_id",
     required=True,
-    help="A saved task model (RUN/model of `cd2p finetune`) or a Hub id.",
+    help="A saved task model (RUN/model of `cd2p finetune`), a Hub id, or a multi-seed / "
+    "few-shot run (`cd2p finetune --seeds` / `--few-shot-protocol`): every model of it.",
 )
 @click.option(
     "--data",
@@ -90,6 +92,10 @@ def evaluate(
     segmentation:   ScanNet's benchmark mIoU over 20 classes on every vertex of every scene,
                     point accuracy, per-class IoU table and a confusion-matrix PNG; under
                     torchrun the scenes are split over the processes.
+
+    With --model RUN of a multi-seed or few-shot run, every member's model is evaluated and
+    each metric reported as mean ± std with min and max (few-shot folds on their own
+    episode's shapes of the split).
     """
     from cd2p.engine import distributed as D
     from cd2p.engine.evaluation import default_split
@@ -99,6 +105,13 @@ def evaluate(
 
     spec = get_task(task)
     split = split or default_split(task)
+    started = time.perf_counter()
+    from cd2p.engine.multirun import is_multirun
+
+    if is_multirun(model_id):
+        _evaluate_multirun(task, Path(model_id), data, split, votes, num_points, batch_size,
+                           device, out)  # fmt: skip
+        return
     cls = spec.model_class
     config = Path(model_id) / "config.json"
     if config.is_file():
@@ -166,8 +179,16 @@ def evaluate(
         line = "   ".join(f"{m.label} {_pct(report.metrics[m.key])} %" for m in voting)
         console.print(f"[bold]{line}   ({votes} votes)")
     if out is not None:
+        from cd2p.engine.finetune import fingerprint_data
+        from cd2p.provenance import provenance
+
         out.mkdir(parents=True, exist_ok=True)
-        payload = {**report.to_json(), "model": model_id, "data": str(data), "split": split}
+        prov = provenance(data=fingerprint_data(spec, data.resolve()),
+                          wall_time_s=time.perf_counter() - started,
+                          device=resolve_device(device))  # fmt: skip
+        payload = {**report.to_json(), "model": model_id, "data": str(data), "split": split,
+                   "evaluated_on": split, "metric_names": list(report.metrics),
+                   "provenance": prov}  # fmt: skip
         atomic_write_json(out / "metrics.json", payload)
         written = [out / "metrics.json"]
         title = f"{model_id} on {data.name} ({split}" + (
@@ -175,4 +196,55 @@ def evaluate(
         )
         written += spec.plots(report, out, title)
         console.print("wrote " + ", ".join(str(p) for p in written))
+    D.cleanup()
+
+
+def _evaluate_multirun(
+    task: str,
+    run_dir: Path,
+    data: Path,
+    split: str,
+    votes: int,
+    num_points: int | None,
+    batch_size: int,
+    device: str,
+    out: Path | None,
+) -> None:
+    """Every model of a multi-seed / few-shot run: a progress bar per model, then the table of
+    mean ± std, min and max."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from cd2p.cli._common import multirun_table
+    from cd2p.engine import distributed as D
+    from cd2p.engine.finetune import fingerprint_data
+    from cd2p.engine.multirun import evaluate_multirun
+    from cd2p.provenance import provenance
+    from cd2p.tasks import get_task
+
+    spec = get_task(task)
+    started = time.perf_counter()
+    D.init_distributed(device)  # scene tasks split their scenes over torchrun's processes
+    with Progress(TextColumn("[bold]evaluate {task.description}"), BarColumn(),
+                  MofNCompleteColumn(), TextColumn(spec.item_name), console=console,
+                  disable=not is_main_process()) as bar:
+
+        def on_member(name: str, count: int):
+            job = bar.add_task(name, total=count)
+            return lambda n: bar.advance(job, n)
+
+        summary = evaluate_multirun(task, run_dir, data, split, votes, num_points=num_points,
+                                    batch_size=batch_size, device=resolve_device(device),
+                                    on_member=on_member)  # fmt: skip
+    if not is_main_process():
+        D.cleanup()
+        return
+    title = f"{run_dir} on {data} ({split}" + (f", {votes} votes)" if votes > 1 else ")")
+    console.print(multirun_table(summary, title))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        summary["provenance"] = provenance(
+            data=fingerprint_data(spec, data.resolve()), wall_time_s=time.perf_counter() - started,
+            device=resolve_device(device))  # fmt: skip
+        atomic_write_json(out / "metrics.json", summary)
+        console.print(f"wrote {out / 'metrics.json'}")
     D.cleanup()

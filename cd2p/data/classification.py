@@ -1,5 +1,6 @@
 """The classification cache shared by ModelNet40 and ScanObjectNN (``cd2p prepare modelnet40 |
-scanobjectnn``), its torch dataset, and few-shot subsets of it.
+scanobjectnn``), its torch dataset, few-shot subsets of it (K shapes per class) and Point-BERT's
+N-way K-shot episodes.
 
 Layout::
 
@@ -12,11 +13,13 @@ themselves an FPS sample of ``k`` points (see :mod:`cd2p.data.modelnet40`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -154,6 +157,101 @@ def few_shot_subset(
     )
 
 
+# -- Point-BERT's N-way K-shot episodes -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One fold of Point-BERT's few-shot benchmark: ``way`` classes, ``shot`` training shapes
+    and ``queries`` test shapes of each, fold ``fold`` of the folds drawn with ``seed``."""
+
+    way: int
+    shot: int
+    fold: int
+    seed: int = 0
+    queries: int = 20
+
+    def __post_init__(self) -> None:
+        if min(self.way, self.shot, self.queries) < 1 or self.fold < 0:
+            raise ValueError(f"an episode needs way, shot, queries >= 1 and fold >= 0: {self}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.way}-way {self.shot}-shot, fold {self.fold}"
+
+
+def _episode_generator(episode: Episode, *parts: object) -> torch.Generator:
+    # A generator per (seed, way, shot, fold, part): each draw is a pure function of these,
+    # whatever else is drawn, and the training and test draws can be made separately.
+    key = ":".join(str(p) for p in ("few-shot", episode.seed, episode.way, episode.shot,
+                                    episode.fold, *parts))  # fmt: skip
+    return torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:15], 16))
+
+
+def episode_classes(num_classes: int, episode: Episode) -> list[int]:
+    """The episode's classes in episode-label order: a random permutation of the classes, of
+    which the first ``way`` are kept (Point-BERT's ``random.shuffle(keys)``, ``keys[:way]``)."""
+    if episode.way > num_classes:
+        raise ValueError(f"a {episode.way}-way episode needs {episode.way} classes; the data "
+                         f"has {num_classes}")  # fmt: skip
+    order = torch.randperm(num_classes, generator=_episode_generator(episode, "classes"))
+    return order[: episode.way].tolist()
+
+
+def episode_split(
+    data: ClassificationSplit,
+    episode: Episode,
+    part: Literal["train", "test"],
+    where: str = "the data",
+) -> ClassificationSplit:
+    """The episode's ``train`` shapes (``shot`` per class, from the training split) or ``test``
+    shapes (``queries`` per class, from the test split), as Point-BERT's
+    ``generate_few_shot_data.py`` draws them: for each chosen class, its shapes in a random
+    order, the first ``shot`` (``queries``) kept. Labels become the episode labels
+    ``0..way-1`` (the class's position in :func:`episode_classes`); ``class_names`` are the
+    chosen classes' names in that order. Every draw is a pure function of the episode.
+    """
+    count = episode.shot if part == "train" else episode.queries
+    classes = episode_classes(data.num_classes, episode)
+    keep, labels = [], []
+    for label, c in enumerate(classes):
+        members = (data.labels == c).nonzero().flatten()
+        if len(members) < count:
+            what = "shots" if part == "train" else "test shapes (few_shot_queries)"
+            raise ValueError(
+                f"{where}: class {data.class_names[c]!r} has {len(members)} shapes, fewer than "
+                f"the {count} {what} of a {episode.name} episode"
+            )
+        order = torch.randperm(len(members), generator=_episode_generator(episode, part, c))
+        keep.append(members[order[:count]])
+        labels.append(torch.full((count,), label, dtype=torch.long))
+    index = torch.cat(keep)
+    return ClassificationSplit(
+        points=data.points[index],
+        labels=torch.cat(labels),
+        shape_ids=[data.shape_ids[i] for i in index.tolist()],
+        class_names=[data.class_names[c] for c in classes],
+        source=data.source,
+    )
+
+
+def episode_record(
+    train: ClassificationSplit, test: ClassificationSplit, episode: Episode
+) -> dict[str, Any]:
+    """What a fold is, for the run's records: its classes and the ids of its shapes (the data
+    split arguments are the episode's, from :func:`episode_split`)."""
+    return {
+        "way": episode.way,
+        "shot": episode.shot,
+        "fold": episode.fold,
+        "seed": episode.seed,
+        "queries": episode.queries,
+        "classes": list(train.class_names),
+        "train": list(train.shape_ids),
+        "test": list(test.shape_ids),
+    }
+
+
 # -- the torch dataset ----------------------------------------------------------------------
 
 
@@ -190,7 +288,11 @@ class PointClassificationDataset(Dataset):
 __all__ = [
     "CACHE_FORMAT",
     "ClassificationSplit",
+    "Episode",
     "PointClassificationDataset",
+    "episode_classes",
+    "episode_record",
+    "episode_split",
     "few_shot_subset",
     "load_classification_cache",
     "save_classification_cache",

@@ -12,7 +12,9 @@ Run directory::
     RUN/recipe.yaml     the recipe as run           RUN/metrics.jsonl  curves and evaluations
     RUN/run.json        task, data, init            RUN/checkpoints/   resumable state
     RUN/model/          the best model (from_pretrained), its card holds the final metrics
-    RUN/metrics.json    final metrics of the best model (with and without voting)
+    RUN/metrics.json    final metrics of the best model (with and without voting), the
+                        splits it was selected and evaluated on, and its provenance
+    RUN/card.json       what the model card was rendered from (re-rendered by multi-seed runs)
 
 Per-step randomness comes from the trainer's step generator and per-epoch draws from
 ``(seed, epoch, index)``, so a resumed run sees the same data.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +41,14 @@ from cd2p.engine.evaluation import evaluate
 from cd2p.engine.progress import progress_reporter
 from cd2p.engine.trainer import RunResult, Trainer, check_run_dir, seed_everything
 from cd2p.models.backbone import Cd2pBackbone
+from cd2p.provenance import check_same_data, data_fingerprint, provenance
 from cd2p.tasks import TaskSpec, get_task
 
 MODEL_DIR = "model"
 RUN_INFO = "run.json"
 FINAL_METRICS = "metrics.json"
 PROBE_DIR = "probe"
+CARD_INPUTS = "card.json"
 
 
 @dataclass
@@ -167,6 +172,19 @@ def metric_formatter(spec: TaskSpec) -> Any:
     return describe
 
 
+def fingerprint_data(spec: TaskSpec, data: Path) -> dict[str, Any]:
+    """The prepared data's fingerprint (:func:`cd2p.provenance.data_fingerprint`) with its
+    path and source name."""
+    fingerprint = data_fingerprint(data)
+    return {**fingerprint, "path": str(data), "source": _dataset_card(spec, data, "")["name"]}
+
+
+def write_card_inputs(out: Path, card: dict[str, Any]) -> None:
+    """Save what a run's model card was rendered from (``RUN/card.json``), so that it can be
+    rendered again with more (a multi-seed run's summary)."""
+    atomic_write_json(out / CARD_INPUTS, card)
+
+
 def run_finetune(
     task: str,
     recipe: Recipe | None,
@@ -180,6 +198,7 @@ def run_finetune(
     stop_after: int | None = None,
     console: Console | None = None,
     overrides: Sequence[str] = (),
+    fingerprint: dict[str, Any] | None = None,
 ) -> FinetuneResult:
     """Fine-tune a task model on a prepared dataset and export the best one to ``out/model``.
 
@@ -196,6 +215,8 @@ def run_finetune(
         overrides: with ``resume``, ``section.key=value`` changes to the saved recipe that keep
             the run consistent (``schedule.epochs=N`` extends it; others are refused with the
             reason, see :func:`cd2p.config.resume_changes`).
+        fingerprint: the data's fingerprint when the caller computed it already (several runs
+            on one dataset); computed here otherwise.
 
     SIGINT / SIGTERM write a checkpoint and raise
     :class:`~cd2p.engine.trainer.TrainingInterrupted`.
@@ -218,15 +239,23 @@ def run_finetune(
     spec.check_recipe(recipe)
     runner = spec.runner(recipe)
     if runner is not None:
-        return runner(recipe, data, init, out, recipe_name=recipe_name, console=console)
+        return runner(recipe, data, init, out, recipe_name=recipe_name, console=console,
+                      fingerprint=fingerprint)  # fmt: skip
+    started = time.perf_counter()
     data = Path(data).resolve()
     dist = D.init_distributed(recipe.run.device)
+    saved_info: dict[str, Any] = {}
     if dist.is_main:
         check_run_dir(out, resume)
+        fingerprint = fingerprint or fingerprint_data(spec, data)
+        if resume and (out / RUN_INFO).is_file():
+            saved_info = json.loads((out / RUN_INFO).read_text())
+            check_same_data(saved_info.get("data_fingerprint"), fingerprint, out)
     cfg = spec.section(recipe)
     train_data = spec.load_split(data, cfg.train_split)
     val_data = spec.load_split(data, cfg.val_split)
     train_data = spec.subset_train(recipe, train_data, f"{data} ({cfg.train_split})")
+    val_data = spec.subset_val(recipe, val_data, f"{data} ({cfg.val_split})")
 
     backbone = load_backbone(init) if init is not None else None
     notes: list[str] = []
@@ -245,9 +274,16 @@ def run_finetune(
         "initialised from": str(init) if init is not None else "scratch (random initialisation)",
         "training data": f"{data} ({cfg.train_split}: {len(train_data)} {items})",
         "model selection": f"best {spec.best_metric} on {cfg.val_split} ({len(val_data)} {items})",
+        "evaluation": f"{cfg.val_split}, the split the model was selected on",
     }
     facts = spec.run_facts(recipe)
-    if facts.get("few_shot") is not None:
+    if facts.get("few_shot_way") is not None:
+        training_card["few-shot"] = (
+            f"{facts['few_shot_way']}-way {facts['few_shot']}-shot episode (fold "
+            f"{facts['few_shot_fold']}, {facts['few_shot_queries']} test {items} per class), "
+            f"drawn with seed {recipe.run.seed}"
+        )
+    elif facts.get("few_shot") is not None:
         training_card["few-shot"] = (
             f"{facts['few_shot']} training {items} per class, drawn with seed {recipe.run.seed}"
         )
@@ -286,12 +322,14 @@ def run_finetune(
                 f"val_{items}": len(val_data),
                 **facts,
                 "notes": notes,
+                "data_fingerprint": fingerprint,
             },
         )
         for note in notes:
             console.print(f"[yellow]note:[/] {note} (from the pre-trained backbone)")
         for change in changes:
             console.print(f"[yellow]resumed with[/] {change}")
+    trainer_started = time.perf_counter()
     trainer = Trainer(
         spec.training_step(model, recipe),
         spec.train_dataset(recipe, train_data),
@@ -313,6 +351,7 @@ def run_finetune(
     final: dict[str, float] = {}
     if result.completed:
         # Every rank evaluates (scene tasks shard the scenes over the ranks); rank 0 writes.
+        eval_started = time.perf_counter()
         best_model = spec.model_class.from_pretrained(str(model_dir)).to(trainer.device)
         votes = getattr(cfg, "votes", 1)  # a task without test-time votes has no such setting
         label = "final evaluation" + (f" ({votes} votes)" if votes > 1 else "")
@@ -327,24 +366,43 @@ def run_finetune(
         best_step = (result.best or {}).get("step")
         training_card["best step"] = f"{best_step} of {result.total_steps}"
         if dist.is_main:
-            export_model(
-                best_model,
-                model_dir,
-                metrics=final,
+            # The trainer's wall time covers every session of a resumed run; this session's
+            # set-up and the final evaluation are added.
+            setup = trainer_started - started if not resume else 0.0
+            wall = result.wall_seconds + setup + time.perf_counter() - eval_started
+            prov = provenance(
+                data=fingerprint,
                 recipe=recipe,
-                training=training_card,
-                dataset=dataset_card,
-                base_model=_hub_base_model(str(init) if init else None),
+                recipe_name=recipe_name,
+                seeds=[recipe.run.seed],
+                wall_time_s=wall,
+                device=trainer.device,
+                world_size=dist.world_size,
+                run_dir=out,
+                global_batch=recipe.data.batch_size,
             )
+            card = {
+                "metrics": final,
+                "training": training_card,
+                "dataset": dataset_card,
+                "base_model": _hub_base_model(str(init) if init else None),
+                "provenance": prov,
+            }
+            export_model(best_model, model_dir, recipe=recipe, **card)
+            write_card_inputs(out, card)
             atomic_write_json(
                 out / FINAL_METRICS,
                 {
                     **report.to_json(),
                     "split": cfg.val_split,
+                    "selected_on": cfg.val_split,
+                    "evaluated_on": cfg.val_split,
+                    "metric_names": list(final),
                     "best_step": best_step,
                     "data": str(data),
                     **facts,
                     f"train_{items}": len(train_data),
+                    "provenance": prov,
                 },
             )
     D.barrier()
@@ -354,6 +412,7 @@ def run_finetune(
 
 
 __all__ = [
+    "CARD_INPUTS",
     "FINAL_METRICS",
     "MODEL_DIR",
     "PROBE_DIR",
@@ -362,6 +421,8 @@ __all__ = [
     "adapt_recipe_to_backbone",
     "build_task_model",
     "export_model",
+    "fingerprint_data",
     "load_backbone",
     "run_finetune",
+    "write_card_inputs",
 ]

@@ -14,7 +14,9 @@ Run directory (like a fine-tuning run's, so that ``cd2p evaluate``, ``cd2p push`
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +28,6 @@ from cd2p.config import Recipe
 from cd2p.data.classification import (
     ClassificationSplit,
     PointClassificationDataset,
-    few_shot_subset,
     load_classification_cache,
 )
 from cd2p.engine import distributed as D
@@ -39,6 +40,7 @@ from cd2p.engine.finetune import (
     _dataset_card,
     _hub_base_model,
     export_model,
+    fingerprint_data,
     load_backbone,
 )
 from cd2p.engine.metrics_log import MetricsLog
@@ -132,6 +134,7 @@ def run_linear_probe(
     *,
     recipe_name: str | None = None,
     console: Console | None = None,
+    fingerprint: dict[str, Any] | None = None,
 ) -> FinetuneResult:
     """Judge a pre-training without fine-tuning: frozen backbone, max+mean-pooled tokens,
     standardised, then a linear (logistic-regression) classifier whose L2 strength is chosen
@@ -144,7 +147,10 @@ def run_linear_probe(
     """
     from cd2p.engine.evaluation import evaluate
     from cd2p.models.classification import Cd2pForClassification
+    from cd2p.provenance import provenance
+    from cd2p.tasks.classification import TASK, run_facts, subset_train, subset_val
 
+    started = time.perf_counter()
     out, data = Path(out), Path(data).resolve()
     check_run_dir(out, resume=False)
     if recipe.task != "classification":
@@ -152,15 +158,17 @@ def run_linear_probe(
             "a linear probe is a classification benchmark (recipe task: classification)"
         )
     cfg = recipe.finetune
+    fingerprint = fingerprint or fingerprint_data(TASK, data)
     train = load_classification_cache(data, cfg.train_split)
     val = load_classification_cache(data, cfg.val_split)
-    if cfg.few_shot is not None:
-        train = few_shot_subset(train, cfg.few_shot, recipe.run.seed, f"{data} ({cfg.train_split})")
+    train = subset_train(recipe, train, f"{data} ({cfg.train_split})")
+    val = subset_val(recipe, val, f"{data} ({cfg.val_split})")
     if init is not None:
         backbone = load_backbone(init)
     else:
         seed_everything(recipe.run.seed)
         backbone = Cd2pBackbone(**recipe.model.backbone_kwargs())
+    device = D.resolve_device(recipe.run.device)
     n = recipe.data.num_points
     per_task = {"num_groups": recipe.model.num_groups, "group_size": recipe.model.group_size}
     model = Cd2pForClassification.from_backbone(
@@ -168,7 +176,7 @@ def run_linear_probe(
         num_points=n, head_channels=(), head_type="linear-probe",
     )  # fmt: skip
     del backbone
-    model.to(D.resolve_device(recipe.run.device)).eval()
+    model.to(device).eval()
     x_train = pooled_features(model.backbone, train, n, cfg.eval_batch_size)
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
     x_train = (x_train - mean) / std
@@ -219,10 +227,18 @@ def run_linear_probe(
             "class_names": train.class_names,
             "num_points": n,
             "features": "max+mean of tokens",
-            "few_shot": cfg.few_shot,
+            **run_facts(recipe),
             "train_shapes": len(train),
             "model": str(out / MODEL_DIR),
         },
+    )
+    prov = provenance(
+        data=fingerprint,
+        recipe=recipe,
+        recipe_name=recipe_name,
+        seeds=[recipe.run.seed],
+        wall_time_s=time.perf_counter() - started,
+        device=device,
     )
     atomic_write_json(
         out / FINAL_METRICS,
@@ -233,9 +249,14 @@ def run_linear_probe(
             "train_oa": train_acc,
             "l2": l2,
             "split": cfg.val_split,
+            "selected_on": f"{cfg.train_split} (a held-out fifth, for the L2 strength)",
+            "evaluated_on": cfg.val_split,
+            "metric_names": list(metrics),
+            "samples": len(val),
             "data": str(data),
-            "few_shot": cfg.few_shot,
+            **run_facts(recipe),
             "train_shapes": len(train),
+            "provenance": prov,
         },
     )
     from cd2p.config import save_recipe
@@ -249,6 +270,8 @@ def run_linear_probe(
             "data": str(data),
             "init": str(init) if init is not None else None,
             "recipe_name": recipe_name,
+            **run_facts(recipe),
+            "data_fingerprint": fingerprint,
         },
     )
     return FinetuneResult(None, out / MODEL_DIR, metrics, None, recipe)

@@ -17,6 +17,7 @@ Run directory::
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from cd2p.config import Recipe, apply_overrides, load_recipe, resume_changes
 from cd2p.engine import distributed as D
 from cd2p.engine.augment import random_subsample, scale_and_translate
 from cd2p.engine.trainer import RunResult, StepContext, Trainer, check_run_dir, seed_everything
+from cd2p.provenance import check_same_data, data_fingerprint, provenance
 
 RUN_INFO = "run.json"
 SUMMARY = "summary.json"
@@ -202,11 +204,17 @@ def _build_teacher(recipe: Recipe, device: torch.device) -> nn.Module:
     )
 
 
-def export_backbone(model: nn.Module, out_dir: Path, training: dict[str, Any]) -> Path:
+def export_backbone(
+    model: nn.Module,
+    out_dir: Path,
+    training: dict[str, Any],
+    provenance: dict[str, Any] | None = None,
+) -> Path:
     """Save the student as ``out_dir`` (a Hub-format ``Cd2pBackbone``) atomically."""
     backbone = model.export_backbone()
+    card = {"training": training, "provenance": provenance}
     with atomic_directory(out_dir) as tmp:
-        backbone.save_pretrained(tmp, model_card_kwargs={"training": training})
+        backbone.save_pretrained(tmp, model_card_kwargs=card)
     return out_dir
 
 
@@ -244,6 +252,7 @@ def run_pretrain(
 
     Under ``torchrun`` every rank calls this; only rank 0 writes files.
     """
+    started = time.perf_counter()
     out_dir = Path(out_dir)
     dist = D.init_distributed(recipe.run.device if recipe is not None else "auto")
     if dist.is_main:
@@ -302,7 +311,12 @@ def run_pretrain(
             f"the teacher gives {tuple(teacher.target_shape)} targets, objective "
             f"{recipe.pretrain.objective!r} needs {model.target_shape}"
         )
+    fingerprint = None
     if dist.is_main:
+        # The pairs and their stored targets, hashed once (a resumed run must read the same).
+        fingerprint = {**data_fingerprint(data), "path": ", ".join(str(p) for p in data),
+                       "source": "pairs"}  # fmt: skip
+        check_same_data((saved or {}).get("data_fingerprint"), fingerprint, out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(
             info_path,
@@ -313,6 +327,7 @@ def run_pretrain(
                 "targets": "on-the-fly" if on_the_fly else ("stored" if target else "none"),
                 "teacher": teacher_desc,
                 "random_teacher": teacher_random,
+                "data_fingerprint": fingerprint,
             },
         )
         if teacher_random:
@@ -320,6 +335,7 @@ def run_pretrain(
                 "[bold yellow]warning:[/] the teacher is RANDOM (not CLIP): this student learns "
                 "a pipeline test, not useful features"
             )
+    trainer_started = time.perf_counter()
     trainer = Trainer(
         PretrainStep(model),
         dataset,
@@ -344,7 +360,19 @@ def run_pretrain(
             "teacher": teacher_desc,
             "random teacher": "yes (NOT CLIP: a pipeline test)" if teacher_random else "no",
         }
-        backbone_dir = export_backbone(model, out_dir / BACKBONE_DIR, training)
+        setup = trainer_started - started if not resume else 0.0
+        prov = provenance(
+            data=fingerprint,
+            recipe=recipe,
+            recipe_name=recipe_name,
+            seeds=[recipe.run.seed],
+            wall_time_s=result.wall_seconds + setup,
+            device=trainer.device,
+            world_size=dist.world_size,
+            run_dir=out_dir,
+            global_batch=recipe.data.batch_size,
+        )
+        backbone_dir = export_backbone(model, out_dir / BACKBONE_DIR, training, prov)
         atomic_write_json(
             out_dir / SUMMARY,
             {
@@ -359,6 +387,7 @@ def run_pretrain(
                 "random_teacher": teacher_random,
                 "backbone": str(backbone_dir),
                 "weights_sha256": result.weights_sha256,
+                "provenance": prov,
             },
         )
     D.barrier()

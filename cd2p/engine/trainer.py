@@ -369,6 +369,9 @@ class RunResult:
     weights_sha256: list[str] = field(default_factory=list)
     checkpoint: Path | None = None
     resumed_from: int | None = None
+    # Wall-clock seconds of training (evaluations and checkpoints included), summed over the
+    # sessions of a resumed run.
+    wall_seconds: float = 0.0
 
 
 def _is_number(value: Any) -> bool:
@@ -477,6 +480,9 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.best: dict[str, Any] | None = None
+        # Wall time of earlier sessions (from the checkpoint) and when this session started.
+        self._wall_before = 0.0
+        self._session_start = time.perf_counter()
 
     # -- setup ------------------------------------------------------------------------------
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -541,7 +547,11 @@ class Trainer:
             "best": self.best,
             "total_steps": self.plan.total_steps,
             "steps_per_epoch": self.plan.steps_per_epoch,
+            "wall_seconds": self._wall_seconds(),
         }
+
+    def _wall_seconds(self) -> float:
+        return self._wall_before + time.perf_counter() - self._session_start
 
     def _save(self, step: int) -> Path | None:
         local = capture_rng_state()
@@ -618,6 +628,7 @@ class Trainer:
                 f"from step {ckpt.step} on"
             )
         self.best = state.get("best")
+        self._wall_before = float(state.get("wall_seconds", 0.0))
         return ckpt.step
 
     # -- evaluation -------------------------------------------------------------------------
@@ -668,6 +679,7 @@ class Trainer:
         """
         run = self.recipe.run
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._session_start = time.perf_counter()
         start = self._resume() if resume else 0
         if start == 0:
             seed_everything(run.seed + self.dist.rank)
@@ -783,6 +795,7 @@ class Trainer:
             weights_sha256=hashes,
             checkpoint=saved_at,
             resumed_from=start if resume else None,
+            wall_seconds=self._wall_seconds(),
         )
 
     def _stop_requested(self, stop: _StopSignals) -> bool:

@@ -11,13 +11,19 @@ from torch import nn
 from cd2p.models.task_base import Cd2pTaskModel, mlp_head
 
 
-class Cd2pForClassification(Cd2pTaskModel, model_kind="classification"):
+class Cd2pForClassification(
+    Cd2pTaskModel, model_kind="classification", optional_config={"head_norm": True}
+):
     """Backbone + class token + MLP head: ``points (B, N, 3)`` -> logits ``(B, num_classes)``.
 
     As Point-MAE's fine-tuning model: a learnable class token (and its positional embedding)
     is prepended to the patch tokens, the transformer runs over both, and the head reads the
     concatenation of the class token and the max-pool of the patch tokens ``(B, 2 * dim)``
     through ``Linear -> BN -> ReLU -> Dropout`` blocks (256, 256) to the classes.
+
+    Started from a backbone that has its own class token (Point-BERT's pre-trained encoder,
+    ``class_token=True``), the classifier takes that token and its position as its own, as
+    Point-BERT's fine-tuning does; its backbone is then built without one.
 
     Args:
         backbone: :class:`Cd2pBackbone` constructor arguments (``dim``, ``depth``, ...).
@@ -31,6 +37,8 @@ class Cd2pForClassification(Cd2pTaskModel, model_kind="classification"):
             exports, a frozen backbone's max- and mean-pooled final tokens ``(B, 2 * dim)``,
             standardised by the training features' ``feature_mean`` / ``feature_std`` buffers,
             then one ``Linear`` to the classes (no class token).
+        head_norm: BatchNorm after every hidden layer of the head (Point-MAE); ``False`` gives
+            Point-BERT's ``Linear -> ReLU -> Dropout`` head.
     """
 
     def __init__(
@@ -42,9 +50,15 @@ class Cd2pForClassification(Cd2pTaskModel, model_kind="classification"):
         class_names: Sequence[str] | None = None,
         num_points: int = 1024,
         head_type: Literal["mlp", "linear-probe"] = "mlp",
+        head_norm: bool = True,
     ) -> None:
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        if (backbone or {}).get("class_token"):
+            raise ValueError(
+                "Cd2pForClassification has its own class token; build its backbone without "
+                "class_token (from_backbone moves a pre-trained class token into the classifier)"
+            )
         super().__init__(backbone)
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else None
@@ -62,7 +76,23 @@ class Cd2pForClassification(Cd2pTaskModel, model_kind="classification"):
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.cls_pos, std=0.02)
-        self.head = mlp_head(2 * dim, head_channels, num_classes, head_dropout)
+        self.head = mlp_head(2 * dim, head_channels, num_classes, head_dropout, norm=head_norm)
+
+    @classmethod
+    def task_backbone_config(cls, pretrained_config: dict[str, Any]) -> dict[str, Any]:
+        """Without ``class_token``: a pre-trained class token becomes the classifier's."""
+        return {k: v for k, v in pretrained_config.items() if k != "class_token"}
+
+    def adopt_backbone_weights(self, state: dict[str, Any]) -> None:
+        """The backbone's weights; a pre-trained class token and its position (Point-BERT)
+        initialise the classifier's, as Point-BERT's ``load_model_from_ckpt`` does."""
+        state = dict(state)
+        token, pos = state.pop("cls_token", None), state.pop("cls_pos", None)
+        self.backbone.load_state_dict(state, strict=True)
+        if token is not None and pos is not None and self.head_type == "mlp":
+            with torch.no_grad():
+                self.cls_token.copy_(token)
+                self.cls_pos.copy_(pos)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters the optimiser must not decay: the class token and its position."""

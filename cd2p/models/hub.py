@@ -88,15 +88,38 @@ class Cd2pHubMixin(PyTorchModelHubMixin):
     ``model_kind`` recorded in ``config.json``, and model cards rendered from ``hubcards/``."""
 
     model_kind: str = "backbone"
+    #: Constructor arguments of optional parts (name -> the default that leaves the part out):
+    #: at their default they are left out of ``config.json``, so that a model without the part
+    #: saves exactly as it did before the option existed.
+    optional_config: dict[str, Any] = {}
 
-    def __init_subclass__(cls, *args, model_kind: str | None = None, **kwargs) -> None:
+    def __init_subclass__(
+        cls,
+        *args,
+        model_kind: str | None = None,
+        optional_config: dict[str, Any] | None = None,
+        **kwargs,
+    ) -> None:
         if model_kind is not None:
             cls.model_kind = model_kind
+        if optional_config is not None:
+            cls.optional_config = {**cls.optional_config, **optional_config}
         kwargs.setdefault("library_name", "cd2p")
         kwargs.setdefault("license", "apache-2.0")
         kwargs.setdefault("tags", ["point-cloud", "3d", "knowledge-distillation", "cd2p"])
         kwargs.setdefault("model_card_template", hubcard_path(cls.model_kind).read_text())
         super().__init_subclass__(*args, **kwargs)
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        instance = super().__new__(cls, *args, **kwargs)
+        config = instance._hub_mixin_config
+        if isinstance(config, dict) and cls.optional_config:
+            instance._hub_mixin_config = {
+                k: v
+                for k, v in config.items()
+                if not (k in cls.optional_config and v == cls.optional_config[k])
+            }
+        return instance
 
     # -- saving -----------------------------------------------------------------------------
     def _save_pretrained(self, save_directory: Path) -> None:

@@ -28,16 +28,17 @@ def backbone_config(backbone: Cd2pBackbone, **overrides: Any) -> dict[str, Any]:
     return config
 
 
-def mlp_head(in_dim: int, hidden: Sequence[int], out_dim: int, dropout: float) -> nn.Sequential:
-    """``Linear -> BN -> ReLU -> Dropout`` for every hidden width, then a final ``Linear``."""
+def mlp_head(
+    in_dim: int, hidden: Sequence[int], out_dim: int, dropout: float, norm: bool = True
+) -> nn.Sequential:
+    """``Linear -> BN -> ReLU -> Dropout`` for every hidden width, then a final ``Linear``
+    (Point-MAE's head); ``norm=False`` leaves the BatchNorms out (Point-BERT's head)."""
     layers: list[nn.Module] = []
     for width in hidden:
-        layers += [
-            nn.Linear(in_dim, width),
-            nn.BatchNorm1d(width),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-        ]
+        layers.append(nn.Linear(in_dim, width))
+        if norm:
+            layers.append(nn.BatchNorm1d(width))
+        layers += [nn.ReLU(inplace=True), nn.Dropout(dropout)]
         in_dim = width
     layers.append(nn.Linear(in_dim, out_dim))
     return nn.Sequential(*layers)
@@ -85,9 +86,19 @@ class Cd2pTaskModel(nn.Module, Cd2pHubMixin):
                 f"backbone, not {', '.join(sorted(unknown))}"
             )
         config = backbone_config(pretrained, **(backbone_overrides or {}))
-        model = cls(backbone=config, **kwargs)
-        model.backbone.load_state_dict(pretrained.state_dict(), strict=True)
+        model = cls(backbone=cls.task_backbone_config(config), **kwargs)
+        model.adopt_backbone_weights(pretrained.state_dict())
         return model
+
+    @classmethod
+    def task_backbone_config(cls, pretrained_config: dict[str, Any]) -> dict[str, Any]:
+        """The backbone settings of a task model started from a backbone with
+        ``pretrained_config`` (the same, unless the task reshapes the backbone)."""
+        return pretrained_config
+
+    def adopt_backbone_weights(self, state: dict[str, Any]) -> None:
+        """Load a pre-trained backbone's state dict (strictly) into this model."""
+        self.backbone.load_state_dict(state, strict=True)
 
     @property
     def backbone_settings(self) -> dict[str, Any]:

@@ -67,6 +67,9 @@ class TaskSpec:
         train_dataset: ``(recipe, train split) -> Dataset`` of the training items.
         subset_train: ``(recipe, train split, where) -> split`` (few-shot subsets); identity by
             default.
+        subset_val: ``(recipe, validation split, where) -> split``: the part of the validation
+            split a run selects and evaluates on (a few-shot episode's query shapes); identity
+            by default.
         collate_fn: turns items into a batch (``None``: torch's default).
     Model and step:
         model: ``"module:Class"`` of its Hub-loadable model (imported when used).
@@ -125,6 +128,7 @@ class TaskSpec:
     prepare_batch: Callable[[Recipe], Callable | None] = _nothing
     collate_fn: Callable[[list[Any]], Any] | None = None
     subset_train: Callable[[Recipe, Any, str], Any] = _unchanged
+    subset_val: Callable[[Recipe, Any, str], Any] = _unchanged
     check_recipe: Callable[[Recipe], None] = _nothing
     runner: Callable[[Recipe], Callable | None] = _nothing
     run_facts: Callable[[Recipe], dict[str, Any]] = field(default=lambda recipe: {})

@@ -6,7 +6,9 @@ then scale-and-translate, drawn per step from the step's generator. Model:
 :class:`~cd2p.models.classification.Cd2pForClassification`. Evaluation: overall and mean class
 accuracy, with and without voting (Point-MAE's test-time views). Settings: the recipe's
 ``finetune`` section; with ``finetune.linear_probe`` the job is a linear probe instead
-(:mod:`cd2p.engine.linear_probe`), with ``finetune.few_shot: K`` it trains on K shapes per class.
+(:mod:`cd2p.engine.linear_probe`), with ``finetune.few_shot: K`` it trains on K shapes per
+class, and with ``finetune.few_shot_way: N`` on an N-way K-shot episode of Point-BERT's
+few-shot protocol (selected and evaluated on the episode's test shapes).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from cd2p.config import Recipe
 from cd2p.data.classification import (
     CACHE_FORMAT,
     ClassificationSplit,
+    Episode,
     PointClassificationDataset,
+    episode_split,
     few_shot_subset,
     load_classification_cache,
 )
@@ -57,10 +61,48 @@ def train_dataset(recipe: Recipe, data: ClassificationSplit) -> PointClassificat
     return PointClassificationDataset(data, max(pool, n))
 
 
+def recipe_episode(recipe: Recipe) -> Episode | None:
+    """The N-way K-shot episode a recipe trains on (``finetune.few_shot_way``), or ``None``."""
+    cfg = recipe.finetune
+    if cfg.few_shot_way is None or cfg.few_shot is None:
+        return None
+    return Episode(cfg.few_shot_way, cfg.few_shot, cfg.few_shot_fold, recipe.run.seed,
+                   cfg.few_shot_queries)  # fmt: skip
+
+
 def subset_train(recipe: Recipe, data: ClassificationSplit, where: str) -> ClassificationSplit:
-    """Few-shot: ``finetune.few_shot`` shapes per class, drawn with ``run.seed``."""
+    """Few-shot: the episode's training shapes (N-way K-shot), or ``finetune.few_shot`` shapes
+    of every class; drawn with ``run.seed``."""
+    episode = recipe_episode(recipe)
+    if episode is not None:
+        return episode_split(data, episode, "train", where)
     shots = recipe.finetune.few_shot
     return data if shots is None else few_shot_subset(data, shots, recipe.run.seed, where)
+
+
+def subset_val(recipe: Recipe, data: ClassificationSplit, where: str) -> ClassificationSplit:
+    """N-way K-shot: the episode's query shapes (``few_shot_queries`` per class)."""
+    episode = recipe_episode(recipe)
+    return data if episode is None else episode_split(data, episode, "test", where)
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """An N-way episode needs its K (``finetune.few_shot``)."""
+    cfg = recipe.finetune
+    if cfg.few_shot_way is not None and cfg.few_shot is None:
+        raise ValueError(
+            "finetune.few_shot_way (N-way episodes) needs finetune.few_shot, the K shots"
+        )
+
+
+def run_facts(recipe: Recipe) -> dict[str, Any]:
+    """Few-shot settings for ``run.json``, ``metrics.json`` and the card."""
+    facts: dict[str, Any] = {"few_shot": recipe.finetune.few_shot}
+    episode = recipe_episode(recipe)
+    if episode is not None:
+        facts.update(few_shot_way=episode.way, few_shot_fold=episode.fold,
+                     few_shot_queries=episode.queries)  # fmt: skip
+    return facts
 
 
 # -- model and step ---------------------------------------------------------------------------
@@ -238,6 +280,8 @@ TASK = TaskSpec(
     data_source=data_source,
     train_dataset=train_dataset,
     subset_train=subset_train,
+    subset_val=subset_val,
+    check_recipe=check_recipe,
     build_model=build_model,
     training_step=lambda model, recipe: ClassificationStep(model, recipe.finetune.label_smoothing),
     prepare_batch=lambda recipe: PrepareViews(recipe, ("points",)),
@@ -252,7 +296,7 @@ TASK = TaskSpec(
     per_class_columns=(("shapes", "support"), ("acc %", "acc")),
     plots=plots,
     runner=_linear_probe_runner,
-    run_facts=lambda recipe: {"few_shot": recipe.finetune.few_shot},
+    run_facts=run_facts,
     hub_task_type="point-cloud-classification",
     hub_task_name="3D object classification",
     tags=("point-cloud-classification",),
@@ -265,6 +309,10 @@ __all__ = [
     "build_model",
     "classification_logits",
     "evaluate",
+    "recipe_episode",
+    "run_facts",
+    "subset_train",
+    "subset_val",
     "train_dataset",
     "vote_view",
 ]

@@ -42,7 +42,7 @@ def train_dataset(recipe: Recipe, data: PartSegSplit) -> PartSegDataset:
 
 
 def check_recipe(recipe: Recipe) -> None:
-    if recipe.finetune.few_shot is not None:
+    if recipe.finetune.few_shot is not None or recipe.finetune.few_shot_way is not None:
         raise ValueError("--few-shot is for classification (finetune.few_shot: K shapes per class)")
     if recipe.finetune.linear_probe:
         raise ValueError(
