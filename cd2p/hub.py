@@ -47,25 +47,35 @@ TOKEN_PATTERN = re.compile(rb"hf_[A-Za-z0-9]{30,}")
 # -- loading any kind ------------------------------------------------------------------------
 
 
+# Model kinds that are not fine-tuning tasks: the pre-trained backbone and the whole student.
+PRETRAINED_MODELS = {
+    "backbone": ("cd2p.models.backbone", "Cd2pBackbone"),
+    "student": ("cd2p.models.student", "Cd2pStudent"),
+}
+
+
 def model_class(kind: str) -> type[nn.Module]:
     """The cd2p class that a ``config.json`` with ``"model_kind": kind`` was saved from:
-    ``backbone``, or a task of the task table (a task's models have its name as kind).
+    ``backbone``, ``student`` (the whole pre-trained student), or a task of the task table (a
+    task's models have its name as kind).
 
     The class's module is imported here, so that a kind whose module is absent from this
     version of cd2p gives a clear error instead of breaking ``import cd2p``.
     """
+    import importlib
+
     from cd2p.tasks import get_task, task_names
 
-    if kind == "backbone":
+    if kind in PRETRAINED_MODELS:
+        module, name = PRETRAINED_MODELS[kind]
         try:
-            from cd2p.models.backbone import Cd2pBackbone
-        except ImportError as exc:  # pragma: no cover - the backbone ships with every cd2p
-            raise ValueError(f"model kind 'backbone' is not available: {exc}") from exc
-        return Cd2pBackbone
+            return getattr(importlib.import_module(module), name)
+        except ImportError as exc:
+            raise ValueError(f"model kind {kind!r} is not available in this cd2p: {exc}") from exc
     if kind not in task_names():
         raise ValueError(
             f"unknown cd2p model kind {kind!r} (a newer cd2p may know it); known kinds: "
-            + ", ".join(("backbone", *task_names()))
+            + ", ".join((*PRETRAINED_MODELS, *task_names()))
         )
     return get_task(kind).model_class
 

@@ -2,8 +2,10 @@
 optional colours, normals and a ``label`` property; faces are kept for writing the scan back),
 ``.npy`` / ``.npz`` arrays and ``.txt`` / ``.xyz`` tables (``x y z [r g b]``).
 
-Every command that takes a user's cloud (``cd2p predict ...``) reads it through
-:func:`read_cloud`, which checks what it returns: finite coordinates, at least one point.
+Every command that takes a user's cloud (``cd2p predict ...``, ``cd2p caption``) reads it
+through :func:`read_cloud`, which checks what it returns: finite coordinates, at least one
+point. :func:`pretraining_view` gives a cloud the point preprocessing of pre-training (what the
+exported student expects).
 """
 
 from __future__ import annotations
@@ -123,4 +125,32 @@ def read_cloud(path: str | Path) -> Cloud:
     return cloud
 
 
-__all__ = ["SUFFIXES", "Cloud", "read_cloud"]
+def pretraining_view(
+    points: np.ndarray, num_points: int, voxel_size: float | None = None, seed: int = 0
+) -> np.ndarray:
+    """A cloud as pre-training saw its pairs: ``(N, 3)`` -> ``(num_points, 3)`` float32.
+
+    The steps of ``cd2p prepare scannet`` and ``cd2p pretrain`` without their random
+    augmentation: keep one point per occupied ``voxel_size`` voxel (the density-evening grid
+    of the pairs; skipped when ``None``), draw exactly ``num_points`` of them (without
+    replacement when there are enough, from a generator seeded by ``seed``), and move the
+    centroid to the origin. Units and axes are kept: the pairs are metres, z up.
+    """
+    from cd2p.data.scannet_pairs import sample_exact, voxel_downsample
+
+    points = np.asarray(points, dtype=np.float32)
+    if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
+        raise ValueError(f"expected a non-empty (N, 3) cloud, got shape {points.shape}")
+    if not np.isfinite(points).all():
+        raise ValueError("the cloud has non-finite coordinates")
+    if voxel_size:
+        # The grid works on coordinates relative to the cloud's corner: voxels are the same
+        # whatever the cloud's offset, and far-away coordinates do not overflow the keys.
+        kept = voxel_downsample(points - points.min(0), voxel_size)
+        points = points[kept]
+    rng = np.random.default_rng(seed)
+    view = points[sample_exact(len(points), num_points, rng)]
+    return (view - view.mean(0, dtype=np.float64)).astype(np.float32)
+
+
+__all__ = ["SUFFIXES", "Cloud", "pretraining_view", "read_cloud"]

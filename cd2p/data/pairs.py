@@ -82,11 +82,13 @@ class PairDataset(Dataset):
     Args:
         roots: one OUT directory or several (e.g. the parts of a ``--shard`` run).
         target: name of teacher targets to return (``"prefix"``, ``"clip"``...), read from
-            ``OUT/targets/<target>/<scene_id>.safetensors``; every scene must have them.
+            ``OUT/targets/<target>/<scene_id>.safetensors``; every scene must have them. A
+            sequence of names (``("prefix", "clip")``) returns several.
         with_image: also return the colour JPEG bytes.
 
     Item ``i`` is a dict: ``points`` float32 ``(P, 3)``, ``scene_id`` str, ``frame_index``
-    int, and ``target`` float32 ``(T, C)`` / ``image`` bytes when asked for.
+    int, and ``target`` float32 ``(T, C)`` (the first target named) / ``target_<name>`` (the
+    others, e.g. ``target_clip``) / ``image`` bytes when asked for.
 
     Only paths and row counts are held until the first item is read; datasets (memory-mapped
     Arrow files) and target files are then opened lazily in each process, so the object is
@@ -96,7 +98,7 @@ class PairDataset(Dataset):
     def __init__(
         self,
         roots: str | Path | Sequence[str | Path],
-        target: str | None = None,
+        target: str | Sequence[str] | None = None,
         with_image: bool = False,
     ) -> None:
         self.scene_paths = scene_dirs(roots)
@@ -105,20 +107,25 @@ class PairDataset(Dataset):
         self.offsets = [0]
         for count in self.rows:
             self.offsets.append(self.offsets[-1] + count)
-        self.target = target
+        names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        self.targets: tuple[str, ...] = names
+        self.target = names[0] if names else None
         self.with_image = with_image
-        self.target_paths: list[Path] = []
-        if target is not None:
-            self.target_paths = [target_file(p, target) for p in self.scene_paths]
-            for path, rows in zip(self.target_paths, self.rows, strict=True):
+        # target name -> one targets file per scene, in scene order
+        self.paths_of_target: dict[str, list[Path]] = {}
+        for name in names:
+            paths = [target_file(p, name) for p in self.scene_paths]
+            for path, rows in zip(paths, self.rows, strict=True):
                 self._check_targets(path, rows)
+            self.paths_of_target[name] = paths
+        self.target_paths: list[Path] = self.paths_of_target.get(self.target, [])
         self._reset()
 
     # ------------------------------------------------------------------ per-process state
     def _reset(self) -> None:
         self._pid = os.getpid()
         self._datasets: dict[int, Any] = {}
-        self._targets: dict[int, Any] = {}
+        self._targets: dict[tuple[int, str], Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -159,13 +166,13 @@ class PairDataset(Dataset):
             self._datasets[scene] = dataset
         return dataset
 
-    def _target_slice(self, scene: int) -> Any:
-        handle = self._targets.get(scene)
+    def _target_slice(self, scene: int, name: str) -> Any:
+        handle = self._targets.get((scene, name))
         if handle is None:
             from safetensors import safe_open
 
-            handle = safe_open(str(self.target_paths[scene]), framework="pt")
-            self._targets[scene] = handle
+            handle = safe_open(str(self.paths_of_target[name][scene]), framework="pt")
+            self._targets[(scene, name)] = handle
         return handle.get_slice("targets")
 
     # ------------------------------------------------------------------ Dataset API
@@ -189,8 +196,9 @@ class PairDataset(Dataset):
             "scene_id": str(record["scene_id"]),
             "frame_index": int(record["frame_index"]),
         }
-        if self.target is not None:
-            item["target"] = self._target_slice(scene)[row].float()
+        for position, name in enumerate(self.targets):
+            key = "target" if position == 0 else f"target_{name}"
+            item[key] = self._target_slice(scene, name)[row].float()
         if self.with_image:
             item["image"] = bytes(record["image"]["bytes"])
         return item
