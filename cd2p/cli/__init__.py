@@ -5,9 +5,11 @@ from __future__ import annotations
 import click
 
 from cd2p import __version__
+from cd2p.cli.caption import caption
 from cd2p.cli.convert import convert
 from cd2p.cli.demo import demo
 from cd2p.cli.evaluate import evaluate
+from cd2p.cli.export import export
 from cd2p.cli.finetune import finetune
 from cd2p.cli.hub import pull, push
 from cd2p.cli.info import info
@@ -16,6 +18,7 @@ from cd2p.cli.predict import predict
 from cd2p.cli.prepare import prepare
 from cd2p.cli.pretrain import pretrain
 from cd2p.cli.synthetic import synthetic
+from cd2p.cli.zeroshot import zeroshot
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -33,6 +36,8 @@ def main() -> None:
       cd2p finetune TASK --init RUN ...      fine-tune (`cd2p finetune --help` lists the tasks)
       cd2p evaluate TASK --model M --data D  metrics, per-class table, plots
       cd2p predict segmentation --model M SCAN.ply OUT.ply   your own scan
+      cd2p caption --model RUN/student SCAN.ply   a sentence about a scan (ClipCap's GPT-2)
+      cd2p zeroshot --model RUN/student --data D  zero-shot classification via CLIP text
       cd2p push RUN org/name                 the model and its card on the Hugging Face Hub
       cd2p info                              versions, devices and the geometry-ops backend
     """
@@ -47,6 +52,9 @@ main.add_command(pretrain)
 main.add_command(finetune)
 main.add_command(evaluate)
 main.add_command(predict)
+main.add_command(caption)
+main.add_command(zeroshot)
+main.add_command(export)
 main.add_command(synthetic)
 main.add_command(plot)
 main.add_command(demo)

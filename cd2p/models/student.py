@@ -85,6 +85,7 @@ class Cd2pStudent(nn.Module, Cd2pHubMixin, model_kind="student"):
         self.objective = objective
         self.num_points = num_points
         self.voxel_size = voxel_size
+        self.prefix_dim = prefix_dim
         mlp_ratio = float(config.get("mlp_ratio", 4.0))
         self.concepts, self.align, self.clip_head = build_student_heads(
             self.backbone, objective, num_concepts, prefix_tokens, prefix_dim, clip_dim, mlp_ratio
