@@ -163,7 +163,7 @@ def test_zero_shot_learns_far_above_chance_and_shuffled_targets_stay_at_chance(s
     assert report.metrics["oa"] >= 0.45
     assert shuffled.metrics["oa"] <= 0.30
     losses = [r["loss_clip"] for r in read_metrics(trained.run.run_dir, "train")]
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < 0.6 * losses[0], losses  # first window (steps 1-25) vs last
 
 
 def test_exported_student_gives_the_trained_prefix_and_exports_from_a_checkpoint(

@@ -80,18 +80,35 @@ def load_tokenizer(source: str | Path | None = None, cache_dir: str | Path | Non
                 "tokenizer is vocab.json + merges.txt)"
             )
         try:
-            return GPT2Tokenizer.from_pretrained(str(path))
+            tokenizer = GPT2Tokenizer.from_pretrained(str(path))
         except Exception as exc:  # noqa: BLE001 - malformed files raise many types
             raise ValueError(f"{path}: cannot read this GPT-2 tokenizer: {exc}") from None
+        return _checked(tokenizer, str(path))
+    from huggingface_hub import hf_hub_download
+
     try:
-        return GPT2Tokenizer.from_pretrained(
-            str(source), cache_dir=None if cache_dir is None else str(cache_dir)
-        )
+        # GPT-2's own two files, fetched explicitly: transformers builds an EMPTY tokenizer,
+        # without an error, when they are missing (offline with an empty cache).
+        files = [
+            hf_hub_download(
+                str(source), name, cache_dir=None if cache_dir is None else str(cache_dir)
+            )
+            for name in ("vocab.json", "merges.txt")
+        ]
     except Exception as exc:  # offline, network, auth or missing-repo errors: all say the same
+        first = str(exc).splitlines()[0] if str(exc) else ""
         raise TeacherWeightsError(
             f"could not fetch the GPT-2 tokenizer ({source} from the Hugging Face Hub): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n{_FETCH_HELP}"
+            f"{type(exc).__name__}: {first}\n{_FETCH_HELP}"
         ) from exc
+    return _checked(GPT2Tokenizer.from_pretrained(str(Path(files[0]).parent)), str(source))
+
+
+def _checked(tokenizer: Any, where: str) -> Any:
+    """A tokenizer with a vocabulary (transformers returns empty ones for missing files)."""
+    if len(tokenizer) < 2:
+        raise ValueError(f"{where}: the GPT-2 tokenizer loaded with an empty vocabulary")
+    return tokenizer
 
 
 def load_gpt2(source: str | Path | None = None, cache_dir: str | Path | None = None) -> nn.Module:

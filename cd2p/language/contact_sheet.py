@@ -36,12 +36,19 @@ class SheetEntry:
     teacher: str | None = None
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters shown as U+FFFD (a GPT-2 can emit any byte; fonts and
+    pages cannot show them all)."""
+    return "".join(c if c.isprintable() else "\ufffd" for c in text)
+
+
 def _scatter(ax, points: np.ndarray) -> None:
     """Draw ``points`` on a 3D axis: an oblique view from above, coloured by height (z)."""
     pts = np.asarray(points, dtype=np.float32)
     if len(pts) > _RENDER_POINTS:  # a fixed, evenly spread subset: the same picture every time
         pts = pts[np.linspace(0, len(pts) - 1, _RENDER_POINTS).astype(np.int64)]
-    ax.scatter(pts[:, 0], pts[:, 1], pts[:, 2], c=pts[:, 2], cmap="viridis", s=0.6, linewidths=0)
+    size = float(np.clip(4000 / max(len(pts), 1), 0.6, 8.0))  # sparse clouds get larger dots
+    ax.scatter(pts[:, 0], pts[:, 1], pts[:, 2], c=pts[:, 2], cmap="viridis", s=size, linewidths=0)
     low, high = pts.min(0), pts.max(0)
     middle, half = (low + high) / 2, float((high - low).max()) / 2 or 1.0
     ax.set_xlim(middle[0] - half, middle[0] + half)
@@ -82,11 +89,11 @@ def sheet_html(entries: Sequence[SheetEntry], title: str, notes: Sequence[str] =
             f'<img src="{_data_uri(entry.image)}" alt="RGB frame">' if entry.image else "—"
         )
         cloud = f'<img src="{_data_uri(render_cloud(entry.points))}" alt="point cloud">'
-        teacher = html.escape(entry.teacher) if entry.teacher is not None else "—"
+        teacher = html.escape(printable(entry.teacher)) if entry.teacher is not None else "—"
         rows.append(
             f"<tr><td class=name>{html.escape(entry.title)}</td><td>{image}</td>"
             f"<td>{cloud}</td><td class=cap>{teacher}</td>"
-            f"<td class=cap>{html.escape(entry.student)}</td></tr>"
+            f"<td class=cap>{html.escape(printable(entry.student))}</td></tr>"
         )
     note_html = "".join(f"<p class=note>{html.escape(n)}</p>" for n in notes)
     return f"""<!doctype html>
@@ -134,8 +141,8 @@ def _sheet_png(entries: Sequence[SheetEntry], path: Path, title: str, notes: Seq
         ax = fig.add_subplot(grid[row, 2])
         lines = []
         if entry.teacher is not None:
-            lines += ["teacher (image):", *textwrap.wrap(entry.teacher, 48), ""]
-        lines += ["student (points):", *textwrap.wrap(entry.student, 48)]
+            lines += ["teacher (image):", *textwrap.wrap(printable(entry.teacher), 48), ""]
+        lines += ["student (points):", *textwrap.wrap(printable(entry.student), 48)]
         ax.text(0, 0.5, "\n".join(lines), va="center", fontsize=9)
         ax.set_axis_off()
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (3.2 * len(entries) + 0.8)))
@@ -158,4 +165,11 @@ def write_contact_sheet(
     return path
 
 
-__all__ = ["SHEET_SUFFIXES", "SheetEntry", "render_cloud", "sheet_html", "write_contact_sheet"]
+__all__ = [
+    "SHEET_SUFFIXES",
+    "SheetEntry",
+    "printable",
+    "render_cloud",
+    "sheet_html",
+    "write_contact_sheet",
+]
