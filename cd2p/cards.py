@@ -246,8 +246,10 @@ def zeroshot_entry(report: Mapping[str, Any]) -> dict[str, Any]:
     """A card's zero-shot result from a ``cd2p zeroshot`` ``metrics.json``: ``dataset``
     (name, id, split), ``metrics`` (``zero-shot OA`` / ``zero-shot mAcc`` in %), ``classes``
     and ``prompts`` (counts), ``text_tower``."""
-    info = _dataset_info(str(report.get("dataset") or "unknown"), None) or {"name": "unknown"}
-    info = {"name": info["name"], "id": info.get("id", "unknown")}
+    source = str(report.get("dataset") or "unknown")
+    info = _dataset_info(source, None) or {"name": source}
+    name, hub_id = KNOWN_DATASETS.get(_norm(source).replace("_", ""), (info["name"], None))
+    info = {"name": name, "id": hub_id or info.get("id", "unknown")}
     if isinstance(report.get("split"), str):
         info["split"] = report["split"]
     metrics = {
