@@ -27,8 +27,9 @@ from cd2p.models.teacher import (
     random_clip_model,
 )
 
-# The default prompt ensemble: CLIP's own photo templates (the student imitates CLIP image
-# embeddings of photographs) and the 3D wordings point-cloud CLIP models (ULIP, OpenShape) add.
+# The default prompt ensemble: six of CLIP's ImageNet templates (the student imitates CLIP
+# image embeddings of photographs), an indoor one (the pairs are indoor views) and 3D wordings
+# like those point-cloud CLIP models (ULIP, OpenShape) use.
 DEFAULT_PROMPTS: tuple[str, ...] = (
     "a photo of a {}.",
     "a photo of the {}.",
