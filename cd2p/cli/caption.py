@@ -20,7 +20,7 @@ from cd2p.cli._common import (
 
 
 @click.command()
-@click.argument("clouds", nargs=-1, type=EXISTING_FILE)
+@click.argument("clouds", nargs=-1, type=EXISTING_FILE, metavar="[CLOUD]...")
 @click.option(
     "--model",
     "model_id",
