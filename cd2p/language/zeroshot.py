@@ -20,12 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cd2p.models.teacher import (
-    DEFAULT_MODEL_NAME,
-    _quiet_open_clip,
-    load_clip_model,
-    random_clip_model,
-)
+from cd2p.models.teacher import DEFAULT_MODEL_NAME, load_clip_model, random_clip_model
 
 # The default prompt ensemble: six of CLIP's ImageNet templates (the student imitates CLIP
 # image embeddings of photographs), an indoor one (the pairs are indoor views) and 3D wordings
@@ -104,8 +99,7 @@ class ClipTextTower(nn.Module):
         cls, seed: int = 0, model_name: str = DEFAULT_MODEL_NAME, device: str | torch.device = "cpu"
     ) -> ClipTextTower:
         """The text tower with seeded random weights (NOT CLIP)."""
-        with _quiet_open_clip():
-            model = random_clip_model(seed, model_name)
+        model = random_clip_model(seed, model_name)
         description = f"RANDOM CLIP text tower (seed {seed}) — not CLIP ({model_name})"
         return cls(model, model_name, description, True).to(device)
 
