@@ -19,6 +19,8 @@ _EXPORTS = {
     "Cd2pForDetection": "cd2p.models.detection.detector",
     "Cd2pForPartSegmentation": "cd2p.models.partseg",
     "Cd2pForSemanticSegmentation": "cd2p.models.segmentation",
+    "Cd2pStudent": "cd2p.models.student",
+    "StudentOutput": "cd2p.models.student",
     "from_pretrained": "cd2p.hub",
 }
 
@@ -29,6 +31,8 @@ __all__ = [
     "Cd2pForDetection",
     "Cd2pForPartSegmentation",
     "Cd2pForSemanticSegmentation",
+    "Cd2pStudent",
+    "StudentOutput",
     "__version__",
     "from_pretrained",
 ]
@@ -40,6 +44,7 @@ if TYPE_CHECKING:
     from cd2p.models.detection.detector import Cd2pForDetection
     from cd2p.models.partseg import Cd2pForPartSegmentation
     from cd2p.models.segmentation import Cd2pForSemanticSegmentation
+    from cd2p.models.student import Cd2pStudent, StudentOutput
 
 
 def __getattr__(name: str) -> Any:

@@ -22,6 +22,10 @@ from huggingface_hub import EvalResult, ModelCardData
 BACKBONE_HUB_TASK = {"type": "feature-extraction", "name": "3D point-cloud pre-training"}
 BACKBONE_TAGS = ("feature-extraction", "self-supervised-learning")
 PRETRAINED_KINDS = ("backbone", "pretrain")
+# The whole student (`cd2p caption`, `cd2p zeroshot`): its results are zero-shot ones.
+STUDENT_KIND = "student"
+ZERO_SHOT_HUB_TASK = {"type": "zero-shot-classification", "name": "3D zero-shot classification"}
+STUDENT_TAGS = ("zero-shot-classification", "image-to-text", "captioning")
 
 # Benchmarks recognised in recipe / data names: slug -> (display name, Hub-style dataset id).
 KNOWN_DATASETS: dict[str, tuple[str, str]] = {
@@ -50,6 +54,8 @@ def hub_task(model_kind: str) -> dict[str, str]:
     """``{"type", "name"}`` of a model kind for the Hub's ``model-index``."""
     if model_kind in PRETRAINED_KINDS:
         return dict(BACKBONE_HUB_TASK)
+    if model_kind == STUDENT_KIND:
+        return dict(ZERO_SHOT_HUB_TASK)
     spec = _task_spec(model_kind)
     if spec is None:
         return {"type": model_kind, "name": model_kind}
@@ -60,6 +66,8 @@ def kind_tags(model_kind: str) -> list[str]:
     """The Hub tags of a model kind (on top of cd2p's own)."""
     if model_kind in PRETRAINED_KINDS:
         return list(BACKBONE_TAGS)
+    if model_kind == STUDENT_KIND:
+        return list(STUDENT_TAGS)
     spec = _task_spec(model_kind)
     return list(spec.tags) if spec is not None else []
 
@@ -332,6 +340,7 @@ def card_context(
     provenance: Mapping[str, Any] | None = None,
     runs: Mapping[str, Any] | None = None,
     converted_from: Mapping[str, Any] | None = None,
+    zeroshot: Any = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """Everything a ``hubcards/`` template may use (see ``generate_model_card``).
@@ -339,7 +348,8 @@ def card_context(
     Adds, derived from the inputs: ``recipe_yaml`` (text), ``dataset`` (mapping or None),
     ``base_model`` (a Hub id or None), ``comparison`` (rows ``label, value, scratch,
     point_mae, paper`` of the paper's results with this model's matching metric),
-    ``task`` (``type``, ``name``), and the markdown sections ``provenance_md`` (from
+    ``task`` (``type``, ``name``), ``zeroshot`` (zero-shot results, see
+    :func:`zeroshot_entry`), and the markdown sections ``provenance_md`` (from
     ``provenance``, :mod:`cd2p.provenance`), ``runs_md`` (the multi-seed / few-shot summary
     ``runs``) and ``converted_md`` (``converted_from``, a converter's record).
     """
@@ -384,7 +394,32 @@ def card_context(
         "runs_md": runs_markdown(runs),
         "converted_from": dict(converted_from) if converted_from else None,
         "converted_md": converted_markdown(converted_from),
+        "zeroshot": [dict(entry) for entry in zeroshot or []],
         **extra,
+    }
+
+
+def zeroshot_entry(report: Mapping[str, Any]) -> dict[str, Any]:
+    """A card's zero-shot result from a ``cd2p zeroshot`` ``metrics.json``: ``dataset``
+    (name, id, split), ``metrics`` (``zero-shot OA`` / ``zero-shot mAcc`` in %), ``classes``
+    and ``prompts`` (counts), ``text_tower``."""
+    source = str(report.get("dataset") or "unknown")
+    info = _dataset_info(source, None) or {"name": source}
+    name, hub_id = KNOWN_DATASETS.get(_norm(source).replace("_", ""), (info["name"], None))
+    info = {"name": name, "id": hub_id or info.get("id", "unknown")}
+    if isinstance(report.get("split"), str):
+        info["split"] = report["split"]
+    metrics = {
+        label: 100.0 * float(report[key])
+        for key, label in (("oa", "zero-shot OA"), ("macc", "zero-shot mAcc"))
+        if _is_number(report.get(key))
+    }
+    return {
+        "dataset": info,
+        "metrics": metrics,
+        "classes": len(report.get("class_names") or report.get("per_class") or []),
+        "prompts": len(report.get("prompts") or []),
+        "text_tower": str(report.get("text_tower", "")),
     }
 
 
@@ -407,9 +442,27 @@ def card_metadata(context: Mapping[str, Any], base: ModelCardData) -> ModelCardD
     if context.get("runs"):
         data.cd2p_runs = {k: v for k, v in context["runs"].items() if k != "description"}
     numeric = {k: v for k, v in (context.get("metrics") or {}).items() if _is_number(v)}
+    results = [
+        EvalResult(
+            task_type=ZERO_SHOT_HUB_TASK["type"],
+            task_name=ZERO_SHOT_HUB_TASK["name"],
+            dataset_type=entry["dataset"]["id"],
+            dataset_name=entry["dataset"]["name"],
+            dataset_split=entry["dataset"].get("split"),
+            metric_type=_norm(name),
+            metric_name=name,
+            metric_value=float(value),
+        )
+        for entry in context.get("zeroshot") or []
+        for name, value in entry["metrics"].items()
+    ]
+    if results:
+        data.eval_results = results
+        if not dataset:
+            data.datasets = list(dict.fromkeys(e["dataset"]["id"] for e in context["zeroshot"]))
     if numeric:
         task = context["task"]
-        data.eval_results = [
+        data.eval_results = results + [
             EvalResult(
                 task_type=task["type"],
                 task_name=task["name"],
@@ -434,4 +487,5 @@ __all__ = [
     "hub_task",
     "kind_tags",
     "paper_results",
+    "zeroshot_entry",
 ]

@@ -27,7 +27,9 @@ from cd2p._resources import recipe_path
 
 T = TypeVar("T")
 
-Objective = Literal["distill", "distill-no-concept", "distill-clip", "mae", "mae+distill"]
+Objective = Literal[
+    "distill", "distill-no-concept", "distill-clip", "distill+clip", "mae", "mae+distill"
+]
 
 
 class RecipeError(ValueError):
@@ -124,6 +126,8 @@ class PretrainConfig:
 
     objective: Objective = "distill"
     num_concepts: int = 32
+    # distill+clip: weight of the CLIP-embedding loss (1 - cosine) added to the prefix MSE.
+    clip_weight: float = 1.0
     mask_ratio: float = 0.6
     decoder_depth: int = 4
     # "stored": read targets written by `cd2p prepare teacher`; "on-the-fly": run the teacher.

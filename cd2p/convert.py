@@ -749,6 +749,39 @@ def _check_keys(
         )
 
 
+def clipcap_gpt2(
+    state: Mapping[str, torch.Tensor], source: str | Path, n_head: int | None = None
+) -> tuple[Any, int, list[str]]:
+    """ClipCap's fine-tuned GPT-2 from the tensors of its checkpoint (``gpt.*`` keys; the
+    legacy attention-mask buffers are dropped): ``(GPT2LMHeadModel in eval mode, number of
+    GPT-2 tensors, keys that are neither GPT-2 nor mapper)``. Loaded strictly; ``source``
+    names the file in errors."""
+    from transformers import GPT2LMHeadModel
+
+    source = Path(source)
+    gpt, dropped = {}, []
+    for key, value in state.items():
+        if key.startswith(_GPT_PREFIX) and not _LEGACY_BUFFER.search(key):
+            gpt[key[len(_GPT_PREFIX) :]] = value
+        elif not key.startswith(_MAPPER_PREFIX):
+            dropped.append(key)
+    if "transformer.wte.weight" not in gpt:
+        raise ValueError(f"{source} has no 'gpt.transformer.wte.weight': no GPT-2 in this file")
+    config = gpt2_config_from_state(gpt, n_head)
+    head, wte = gpt.get("lm_head.weight"), gpt["transformer.wte.weight"]
+    if head is not None and not torch.equal(head, wte):
+        config.tie_word_embeddings = False  # a fine-tune that untied them: keep both
+    gpt.setdefault("lm_head.weight", wte)
+    # Built on the meta device (no random init of ~124 M parameters), then given the weights.
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config)
+    _check_keys(source, "gpt.*", model.state_dict(), gpt)
+    model.load_state_dict({k: v.float() for k, v in gpt.items()}, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval(), len(gpt), dropped
+
+
 def convert_clipcap(
     checkpoint: str | Path, out: str | Path, *, n_head: int | None = None
 ) -> ClipCapReport:
@@ -758,36 +791,19 @@ def convert_clipcap(
     ``load_clipcap_mapper``) and ``out/gpt2/`` (``GPT2LMHeadModel.from_pretrained``), both
     complete or not at all.
     """
-    from transformers import GPT2LMHeadModel
-
     from cd2p.models.teacher import ClipCapMapper, load_clipcap_state
 
     source, out = Path(checkpoint), Path(out)
     state = load_clipcap_state(source)  # weights_only=True; refuses non-tensor values
     mapper = {k: v.contiguous() for k, v in state.items() if k.startswith(_MAPPER_PREFIX)}
-    gpt, dropped = {}, []
-    for key, value in state.items():
-        if key.startswith(_GPT_PREFIX) and not _LEGACY_BUFFER.search(key):
-            gpt[key[len(_GPT_PREFIX) :]] = value
-        elif not key.startswith(_MAPPER_PREFIX):
-            dropped.append(key)
     if not mapper:
         raise ValueError(f"{source} has no '{_MAPPER_PREFIX}*' keys: not a ClipCap checkpoint")
-    if "transformer.wte.weight" not in gpt:
-        raise ValueError(f"{source} has no 'gpt.transformer.wte.weight': no GPT-2 to convert")
-    config = gpt2_config_from_state(gpt, n_head)
-    head, wte = gpt.get("lm_head.weight"), gpt["transformer.wte.weight"]
-    if head is not None and not torch.equal(head, wte):
-        config.tie_word_embeddings = False  # a fine-tune that untied them: keep both
-    gpt.setdefault("lm_head.weight", wte)
-    # Built on the meta device (no random init of ~124 M parameters), then given the weights.
+    model, gpt_keys, dropped = clipcap_gpt2(state, source, n_head)
     with torch.device("meta"):
-        model = GPT2LMHeadModel(config)
         expected_mapper = ClipCapMapper().state_dict()
-    _check_keys(source, "gpt.*", model.state_dict(), gpt)
     _check_keys(source, "clip_project.*", expected_mapper,
                 {k[len(_MAPPER_PREFIX) :]: v for k, v in mapper.items()})  # fmt: skip
-    model.load_state_dict(gpt, strict=True, assign=True)
+    config = model.config
     with _atomic_dir(out) as tmp:
         save_file(mapper, str(tmp / "clipcap_mapper.safetensors"), metadata={"format": "pt"})
         model.save_pretrained(tmp / "gpt2", safe_serialization=True)
@@ -796,7 +812,7 @@ def convert_clipcap(
         mapper=out / "clipcap_mapper.safetensors",
         gpt2=out / "gpt2",
         mapper_keys=len(mapper),
-        gpt2_keys=len(gpt),
+        gpt2_keys=gpt_keys,
         dropped=dropped,
         gpt2_config={k: getattr(config, k) for k in _GPT2_FIELDS},
     )

@@ -254,6 +254,8 @@ def run_demo(
     table.add_row("reload check", f"max |difference| {diff:.1e}: identical outputs")
     table.add_row("time", ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()))
     table.add_row("backbone", f"{result.backbone_dir}")
+    if result.student_dir is not None:
+        table.add_row("whole student", f"{result.student_dir} (cd2p caption, cd2p zeroshot)")
     table.add_row("curves", f"{png}")
     console.print(table)
     console.print(

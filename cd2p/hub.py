@@ -40,6 +40,8 @@ MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 # Run records that may be published next to the model (paths relative to the run directory).
 RUN_RECORDS = ("recipe.yaml", "metrics.jsonl", "metrics.json", "eval/metrics.json")
 PLOT_GLOBS = ("*.png", "eval/*.png")
+# A student's zero-shot evaluations (`cd2p zeroshot` writes them beside RUN/student).
+ZEROSHOT_GLOBS = ("zeroshot/*/metrics.json", "zeroshot/*/*.png")
 # huggingface_hub user access tokens: "hf_" then 30+ letters and digits.
 TOKEN_PATTERN = re.compile(rb"hf_[A-Za-z0-9]{30,}")
 
@@ -47,25 +49,35 @@ TOKEN_PATTERN = re.compile(rb"hf_[A-Za-z0-9]{30,}")
 # -- loading any kind ------------------------------------------------------------------------
 
 
+# Model kinds that are not fine-tuning tasks: the pre-trained backbone and the whole student.
+PRETRAINED_MODELS = {
+    "backbone": ("cd2p.models.backbone", "Cd2pBackbone"),
+    "student": ("cd2p.models.student", "Cd2pStudent"),
+}
+
+
 def model_class(kind: str) -> type[nn.Module]:
     """The cd2p class that a ``config.json`` with ``"model_kind": kind`` was saved from:
-    ``backbone``, or a task of the task table (a task's models have its name as kind).
+    ``backbone``, ``student`` (the whole pre-trained student), or a task of the task table (a
+    task's models have its name as kind).
 
     The class's module is imported here, so that a kind whose module is absent from this
     version of cd2p gives a clear error instead of breaking ``import cd2p``.
     """
+    import importlib
+
     from cd2p.tasks import get_task, task_names
 
-    if kind == "backbone":
+    if kind in PRETRAINED_MODELS:
+        module, name = PRETRAINED_MODELS[kind]
         try:
-            from cd2p.models.backbone import Cd2pBackbone
-        except ImportError as exc:  # pragma: no cover - the backbone ships with every cd2p
-            raise ValueError(f"model kind 'backbone' is not available: {exc}") from exc
-        return Cd2pBackbone
+            return getattr(importlib.import_module(module), name)
+        except ImportError as exc:
+            raise ValueError(f"model kind {kind!r} is not available in this cd2p: {exc}") from exc
     if kind not in task_names():
         raise ValueError(
             f"unknown cd2p model kind {kind!r} (a newer cd2p may know it); known kinds: "
-            + ", ".join(("backbone", *task_names()))
+            + ", ".join((*PRETRAINED_MODELS, *task_names()))
         )
     return get_task(kind).model_class
 
@@ -257,6 +269,8 @@ def _existing_card_data(model_dir: Path) -> dict[str, Any]:
     """What the model directory already says, kept when the card is re-rendered: the card's
     ``base_model``, evaluation results and dataset, and a converter's provenance (safetensors
     metadata)."""
+    from cd2p.cards import ZERO_SHOT_HUB_TASK
+
     out: dict[str, Any] = {}
     readme = model_dir / "README.md"
     if readme.is_file():
@@ -266,6 +280,18 @@ def _existing_card_data(model_dir: Path) -> dict[str, Any]:
         if isinstance(getattr(data, "cd2p_provenance", None), dict):
             out["provenance"] = data.cd2p_provenance
         results = getattr(data, "eval_results", None) or []
+        zeroshot = [r for r in results if r.task_type == ZERO_SHOT_HUB_TASK["type"]]
+        results = [r for r in results if r.task_type != ZERO_SHOT_HUB_TASK["type"]]
+        entries: dict[tuple, dict[str, Any]] = {}
+        for r in zeroshot:  # a student's card: its zero-shot results, grouped by dataset
+            key = (r.dataset_name, r.dataset_type, r.dataset_split)
+            entry = entries.setdefault(key, {
+                "dataset": {"name": r.dataset_name, "id": r.dataset_type, "split": r.dataset_split},
+                "metrics": {}, "classes": "—", "prompts": "—", "text_tower": "",
+            })  # fmt: skip
+            entry["metrics"][r.metric_name or r.metric_type] = r.metric_value
+        if entries:
+            out["zeroshot"] = list(entries.values())
         if results:
             out["metrics"] = {r.metric_name or r.metric_type: r.metric_value for r in results}
             first = results[0]
@@ -297,17 +323,27 @@ def stage(path: str | Path, repo_id: str) -> Staged:
     The card (``README.md``) is rendered by loading the model strictly, which also proves that
     the weights match the config before anything is uploaded.
     """
+    from cd2p.cards import STUDENT_KIND, zeroshot_entry
+
     model_dir, run_dir = resolve_push_source(path)
     files: dict[str, Path | bytes] = {name: model_dir / name for name in MODEL_FILES}
+    is_student = read_config(model_dir).get("model_kind") == STUDENT_KIND
+    zeroshot = []
     if run_dir is not None:
         for name in RUN_RECORDS:
             if (run_dir / name).is_file():
                 files[name] = run_dir / name
-        for pattern in PLOT_GLOBS:
+        for pattern in PLOT_GLOBS + (ZEROSHOT_GLOBS if is_student else ()):
             for plot in sorted(run_dir.glob(pattern)):
                 if plot.is_file():
                     files[plot.relative_to(run_dir).as_posix()] = plot
+                    if plot.name == "metrics.json":
+                        report = _read_json(plot)
+                        if isinstance(report, dict):
+                            zeroshot.append(zeroshot_entry(report))
     recorded, run = _existing_card_data(model_dir), _run_summary(run_dir)
+    if zeroshot:  # the run's zero-shot results replace those the card recorded
+        recorded["zeroshot"] = zeroshot
     # Metrics: a later `cd2p evaluate` (eval/metrics.json) first, then those the training run
     # wrote into the model's own card, then the run's metrics.json.
     if run.pop("metrics_source", None) != "eval/metrics.json" and "metrics" in recorded:

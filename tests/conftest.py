@@ -51,3 +51,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model_name(tmp_path_factory) -> str:
+    """The tiny config with open_clip's real text vocabulary (49408 BPE tokens, as its bundled
+    tokenizer produces) so that the text tower runs on real prompts: zero-shot tests."""
+    import open_clip
+
+    name = "cd2p-test-tiny-vit-text"
+    config = {
+        "embed_dim": 512,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 224, "layers": 1, "width": 64, "head_width": 32,
+                       "patch_size": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 1,
+                     "layers": 1},
+    }
+    path = tmp_path_factory.mktemp("open_clip_text_configs") / f"{name}.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+    return name

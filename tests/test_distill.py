@@ -104,12 +104,14 @@ def test_target_shapes_and_heads_per_objective():
         "distill": (10, 768),
         "distill-no-concept": (10, 768),
         "distill-clip": (1, 512),
+        "distill+clip": (10, 768),
         "mae": None,
         "mae+distill": (10, 768),
     }
     keys = {o: {k.split(".")[0] for k in tiny_model(o).state_dict()} for o in OBJECTIVES}
     assert keys["distill"] == {"backbone", "concepts", "align"}
     assert keys["distill-no-concept"] == {"backbone", "align"}
+    assert keys["distill+clip"] == {"backbone", "concepts", "align", "clip_head"}
     assert keys["mae"] == {"backbone", "mae_decoder"}
     assert keys["mae+distill"] == {"backbone", "concepts", "align", "mae_decoder"}
     no_concept = tiny_model("distill-no-concept")
@@ -149,25 +151,34 @@ def test_objective_forward_backward(objective):
     target = target_for(model, 4)
     if target is not None:
         target.requires_grad_(True)
-    out = model(points, target)
+    clip = torch.randn(4, 1, 512, requires_grad=True) if objective == "distill+clip" else None
+    out = model(points, target, clip_target=clip)
     expected = {"loss"} | ({"loss_distill"} if model.target_shape else set())
     expected |= {"loss_mae"} if "mae" in objective else set()
+    expected |= {"loss_clip"} if clip is not None else set()
     assert set(out) == expected
     assert out["loss"].dim() == 0 and torch.isfinite(out["loss"])
     assert all(not v.requires_grad for k, v in out.items() if k != "loss")
     if objective == "mae+distill":
         assert out["loss"].item() == pytest.approx((out["loss_distill"] + out["loss_mae"]).item())
+    if clip is not None:  # prefix MSE + clip_weight (1) x cosine distance of the second head
+        assert 0 < out["loss_clip"].item() < 2
+        assert out["loss"].item() == pytest.approx((out["loss_distill"] + out["loss_clip"]).item())
+        with pytest.raises(ValueError, match="needs a teacher clip_target"):
+            model(points, target)
     out["loss"].backward()
     # Every parameter takes part (DDP needs no find_unused_parameters) and grads are finite.
     for name, p in model.named_parameters():
         assert p.grad is not None, f"{name} received no gradient"
         assert torch.isfinite(p.grad).all(), name
-    for part in ("backbone", "concepts", "align", "mae_decoder"):
+    for part in ("backbone", "concepts", "align", "clip_head", "mae_decoder"):
         module = getattr(model, part, None)
         if module is not None:
             assert sum(p.grad.abs().sum() for p in module.parameters()) > 0, part
     if target is not None:
         assert target.grad is None  # nothing flows back to the teacher's side
+    if clip is not None:
+        assert clip.grad is None
 
 
 def test_mae_encoder_sees_only_visible_patches():

@@ -27,13 +27,15 @@ def tiny_model(kind: str) -> torch.nn.Module:
     if kind == "segmentation":
         return cls(backbone=TINY, num_classes=3, class_names=["a", "b", "c"], num_points=64,
                    head_channels=(16, 8))
+    if kind == "student":
+        return cls(backbone=TINY, num_concepts=4, num_points=64, objective="distill+clip")
     if kind == "detection":
         return cls(backbone=TINY, num_classes=3, class_names=["a", "b", "c"], num_points=64,
                    num_queries=4, decoder_depth=1, decoder_dim=16, decoder_ffn_dim=16)
     raise AssertionError(kind)
 
 
-AVAILABLE = ["backbone", "classification", "partseg", "segmentation", "detection"]
+AVAILABLE = ["backbone", "student", "classification", "partseg", "segmentation", "detection"]
 
 
 @pytest.mark.parametrize("kind", AVAILABLE)

@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
+import cd2p
 from cd2p import Cd2pBackbone
 from cd2p.cli import main
 from cd2p.config import apply_overrides, load_recipe
@@ -192,3 +193,23 @@ def test_torchrun_two_processes_hold_identical_weights(pairs: Path, tmp_path: Pa
     assert weights_sha256(model) == final["weights_sha256"][0]
     assert [r["step"] for r in read_metrics(run_dir, "train")][-1] == 20
     Cd2pBackbone.from_pretrained(str(run_dir / "backbone"))
+
+
+def test_distill_clip_on_the_fly_takes_both_targets_from_the_teacher(
+    pairs: Path, tmp_path: Path, tiny_model_name: str
+) -> None:
+    from cd2p.models.teacher import Teacher
+
+    teacher = Teacher.random("prefix", seed=3, model_name=tiny_model_name)
+    passes = []
+    teacher.visual.register_forward_hook(lambda *_: passes.append(1))
+    recipe = tiny("pretrain.objective=distill+clip", "pretrain.targets=on-the-fly",
+                  "schedule.max_steps=2", "data.batch_size=2")  # fmt: skip
+    result = run_pretrain(recipe, [pairs], tmp_path / "run", progress=False, teacher=teacher)
+    assert result.run.completed and len(passes) == 2  # one CLIP pass per step for both targets
+    assert set(result.run.final_components) == {"loss_distill", "loss_clip"}
+    assert cd2p.from_pretrained(result.student_dir).outputs == ("prefix", "clip")
+    # The stored prefix targets alone are not enough: the error names the command to run.
+    stored = tiny("pretrain.objective=distill+clip", "schedule.max_steps=2")
+    with pytest.raises(FileNotFoundError, match="--target prefix,clip"):
+        run_pretrain(stored, [pairs], tmp_path / "stored", progress=False)

@@ -216,3 +216,37 @@ def test_cli_prepare_teacher(pairs, tiny_model_name, tmp_path, monkeypatch):
     assert message.startswith("error: could not fetch the CLIP weights")
     assert "--clip-weights PATH" in message and "--clipcap-weights PATH" in message
     assert "Traceback" not in message
+
+
+def test_prefix_and_clip_from_one_clip_pass(pairs, tiny_model_name):
+    root, images = pairs
+    teacher = Teacher.random("prefix", seed=0, model_name=tiny_model_name)
+    passes = []
+    teacher.visual.register_forward_hook(lambda *_: passes.append(1))
+    summary = prepare_teacher_targets(root, teacher, batch_size=4, targets="prefix,clip")
+    assert summary.target == "prefix,clip" and summary.images == 8
+    assert len(passes) == 2  # 8 images in batches of 4: one CLIP pass per batch for both
+    clip_teacher = Teacher.random("clip", seed=0, model_name=tiny_model_name)  # same CLIP
+    for scene, scene_jpegs in images.items():
+        check_scene(root, teacher, scene, scene_jpegs)
+        check_scene(root, clip_teacher, scene, scene_jpegs)  # "clip" files name CLIP alone
+    # Done means every target is complete: a clip teacher resumes the clip files as its own.
+    assert plan_teacher_targets(root, clip_teacher).to_compute == []
+    (root / "targets" / "clip" / "scene0001_00.safetensors").unlink()
+    plan = plan_teacher_targets(root, teacher, targets=("prefix", "clip"))
+    assert [job.scene_id for job in plan.to_compute] == ["scene0001_00"]
+    with pytest.raises(ValueError, match="cannot compute 'prefix'"):
+        plan_teacher_targets(root, clip_teacher, targets="prefix,clip")
+    with pytest.raises(ValueError, match="unknown teacher target"):
+        plan_teacher_targets(root, teacher, targets="prefix,caption")
+    # The training reader returns both, row for row.
+    prepare_teacher_targets(root, teacher, targets="prefix,clip")
+    item = PairDataset(root, target=("prefix", "clip"))[4]
+    assert item["target"].shape == (10, 768) and item["target_clip"].shape == (1, 512)
+    result = CliRunner().invoke(main, ["prepare", "teacher", str(root), "--random-teacher",
+                                       "--device", "cpu", "--model-name", tiny_model_name,
+                                       "--target", "prefix,clip"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "0 to compute (0 images), 3 already done" in result.output
+    bad = CliRunner().invoke(main, ["prepare", "teacher", str(root), "--target", "clip,clip"])
+    assert bad.exit_code == 2 and "named twice" in bad.output

@@ -5,11 +5,13 @@ from __future__ import annotations
 import click
 
 from cd2p import __version__
+from cd2p.cli.caption import caption
 from cd2p.cli.compare import compare
 from cd2p.cli.convert import convert
 from cd2p.cli.demo import demo
 from cd2p.cli.embed import embed
 from cd2p.cli.evaluate import evaluate
+from cd2p.cli.export import export
 from cd2p.cli.finetune import finetune
 from cd2p.cli.hub import pull, push
 from cd2p.cli.info import info
@@ -19,6 +21,7 @@ from cd2p.cli.prepare import prepare
 from cd2p.cli.pretrain import pretrain
 from cd2p.cli.recipes import recipes
 from cd2p.cli.synthetic import synthetic
+from cd2p.cli.zeroshot import zeroshot
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -42,6 +45,8 @@ def main() -> None:
       cd2p plot RUN                          a run's curves as RUN/metrics.png
       cd2p predict TASK --model M SCAN OUT   your own scan (segmentation, detection)
       cd2p embed --model M CLOUDS --out F    pre-trained features of your own clouds
+      cd2p caption --model RUN/student SCAN.ply   a sentence about a scan (ClipCap's GPT-2)
+      cd2p zeroshot --model RUN/student --data D  zero-shot classification via CLIP text
       cd2p push RUN org/name                 the model and its card on the Hugging Face Hub
       cd2p pull org/name                     a model into the Hugging Face cache
       cd2p convert point-mae|clipcap ...     other checkpoints as cd2p / safetensors models
@@ -62,6 +67,9 @@ main.add_command(evaluate)
 main.add_command(compare)
 main.add_command(predict)
 main.add_command(embed)
+main.add_command(caption)
+main.add_command(zeroshot)
+main.add_command(export)
 main.add_command(synthetic)
 main.add_command(plot)
 main.add_command(recipes)

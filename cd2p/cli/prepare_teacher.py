@@ -49,10 +49,11 @@ def _random_warning(seed: int) -> Panel:
 @click.argument("pairs", nargs=-1, required=True, type=EXISTING_DIR)
 @click.option(
     "--target",
-    type=click.Choice(["prefix", "clip"]),
     default="prefix",
     show_default=True,
-    help="prefix: CLIP + ClipCap semantic prefix (10, 768); clip: CLIP embedding (1, 512).",
+    metavar="prefix|clip|prefix,clip",
+    help="prefix: CLIP + ClipCap semantic prefix (10, 768); clip: CLIP embedding (1, 512); "
+    "prefix,clip: both from one CLIP pass (for the distill+clip objective, zero-shot).",
 )
 @click.option(
     "--clip-weights",
@@ -102,11 +103,21 @@ def teacher(
 
     Resumable: scenes whose targets are complete are skipped.
     """
-    from cd2p.data.teacher_targets import plan_teacher_targets, write_teacher_targets
-    from cd2p.models.teacher import DEFAULT_MODEL_NAME, Teacher
+    from cd2p.data.teacher_targets import (
+        parse_targets,
+        plan_teacher_targets,
+        write_teacher_targets,
+    )
+    from cd2p.models.teacher import DEFAULT_MODEL_NAME, Teacher, target_shape
 
     if random_teacher and (clip_weights or clipcap_weights):
         raise click.UsageError("--random-teacher takes no --clip-weights/--clipcap-weights")
+    try:
+        targets = parse_targets(target)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--target") from None
+    # The mapper is loaded only when a prefix is asked for; CLIP alone gives "clip".
+    teacher_target = "prefix" if "prefix" in targets else "clip"
     shard_range = parse_shard(shard)
     model_name = model_name or DEFAULT_MODEL_NAME  # open_clip is imported only when running
     torch_device = resolve_device(device)
@@ -115,19 +126,22 @@ def teacher(
 
     if random_teacher:
         console.print(_random_warning(seed))
-        model = Teacher.random(target, seed, model_name=model_name, device=torch_device)
+        model = Teacher.random(teacher_target, seed, model_name=model_name, device=torch_device)
     else:
         model = Teacher.from_pretrained(
-            target,
+            teacher_target,
             clip_weights=clip_weights,
             clipcap_weights=clipcap_weights,
             device=torch_device,
             model_name=model_name,
         )
-    plan = plan_teacher_targets(pairs, model, overwrite=overwrite, shard=shard_range)
+    plan = plan_teacher_targets(
+        pairs, model, overwrite=overwrite, shard=shard_range, targets=targets
+    )
+    shapes = " + ".join(f"{name} {target_shape(name)}" for name in targets)
     console.print(f"[bold]teacher[/]  {model.description}")
     console.print(
-        f"[bold]target[/]   {target} {model.target_shape}, float16   [bold]device[/] "
+        f"[bold]target[/]   {shapes}, float16   [bold]device[/] "
         f"{torch_device}   [bold]batch[/] {batch_size}   [bold]workers[/] {workers}"
     )
     console.print(
@@ -156,13 +170,15 @@ def teacher(
             on_images=lambda n: progress.advance(task, n),
         )
 
-    table = Table(title=f"teacher targets '{target}'", show_header=False)
+    table = Table(title=f"teacher targets '{plan.target}'", show_header=False)
     table.add_row("scenes computed", str(len(summary.scenes_done)))
     table.add_row("scenes skipped (already done)", str(len(summary.scenes_skipped)))
     table.add_row("images", str(summary.images))
     table.add_row("seconds", f"{summary.seconds:.1f}")
     table.add_row("images/s", f"{summary.images_per_second:.1f}")
-    table.add_row("written to", ", ".join(str(p / "targets" / target) for p in pairs))
+    table.add_row(
+        "written to", ", ".join(str(p / "targets" / name) for p in pairs for name in targets)
+    )
     table.add_row("teacher", summary.teacher)
     console.print(table)
     if summary.random_teacher:

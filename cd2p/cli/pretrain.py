@@ -103,6 +103,8 @@ def pretrain(
         flag = result.random_teacher and "RANDOM" not in result.teacher
         table.add_row("teacher", result.teacher + (" [bold red](RANDOM)" if flag else ""))
         table.add_row("backbone", str(result.backbone_dir) if result.backbone_dir else "(not yet)")
+        if result.student_dir:
+            table.add_row("student", f"{result.student_dir} (cd2p caption / cd2p zeroshot)")
         console.print(table)
         if result.backbone_dir:
             console.print(

@@ -14,9 +14,10 @@ Formats (chosen by the suffix):
   unit vectors is read as normals (``x y z nx ny nz``, ModelNet40's files) and any other triple
   as colours (``x y z r g b``, 0..255 or 0..1); with nine columns the other triple follows.
 
-Every command that takes a user's cloud (``cd2p predict``, ``cd2p embed``) reads it through
-:func:`read_cloud`, which checks what it returns (finite coordinates, at least one point) and
-names the file in every error.
+Every command that takes a user's cloud (``cd2p predict``, ``cd2p embed``, ``cd2p caption``)
+reads it through :func:`read_cloud`, which checks what it returns (finite coordinates, at
+least one point) and names the file in every error. :func:`pretraining_view` gives a cloud the
+point preprocessing of pre-training (what the exported student expects).
 """
 
 from __future__ import annotations
@@ -581,6 +582,34 @@ def read_cloud(path: str | Path) -> Cloud:
     return cloud
 
 
+def pretraining_view(
+    points: np.ndarray, num_points: int, voxel_size: float | None = None, seed: int = 0
+) -> np.ndarray:
+    """A cloud as pre-training saw its pairs: ``(N, 3)`` -> ``(num_points, 3)`` float32.
+
+    The steps of ``cd2p prepare scannet`` and ``cd2p pretrain`` without their random
+    augmentation: keep one point per occupied ``voxel_size`` voxel (the density-evening grid
+    of the pairs; skipped when ``None``), draw exactly ``num_points`` of them (without
+    replacement when there are enough, from a generator seeded by ``seed``), and move the
+    centroid to the origin. Units and axes are kept: the pairs are metres, z up.
+    """
+    from cd2p.data.scannet_pairs import sample_exact, voxel_downsample
+
+    points = np.asarray(points, dtype=np.float32)
+    if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
+        raise ValueError(f"expected a non-empty (N, 3) cloud, got shape {points.shape}")
+    if not np.isfinite(points).all():
+        raise ValueError("the cloud has non-finite coordinates")
+    if voxel_size:
+        # The grid works on coordinates relative to the cloud's corner: voxels are the same
+        # whatever the cloud's offset, and far-away coordinates do not overflow the keys.
+        kept = voxel_downsample(points - points.min(0), voxel_size)
+        points = points[kept]
+    rng = np.random.default_rng(seed)
+    view = points[sample_exact(len(points), num_points, rng)]
+    return (view - view.mean(0, dtype=np.float64)).astype(np.float32)
+
+
 def write_cloud(path: str | Path, cloud: Cloud, **options: str | bool) -> Path:
     """Write ``cloud`` in the format of ``path``'s suffix (for tests and conversions):
     ``.ply`` (``binary=True``), ``.pcd`` (``data="binary"``), ``.npy`` (``x y z [r g b]``),
@@ -619,6 +648,7 @@ __all__ = [
     "lzf_decompress",
     "lzf_literals",
     "read_cloud",
+    "pretraining_view",
     "write_cloud",
     "write_pcd",
     "write_ply",

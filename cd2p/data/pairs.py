@@ -77,16 +77,18 @@ def target_file(scene_dir: Path, name: str) -> Path:
 
 
 class PairBatch(Sequence):
-    """The items of one DataLoader batch, read at once: ``points (B, P, 3)``, ``target
-    (B, T, C)`` (or None), ``scene_ids``, ``frame_index (B,)`` and ``images`` (or None).
+    """The items of one DataLoader batch, read at once: ``points (B, P, 3)``, ``targets``
+    (item key -> ``(B, T, C)``: ``target`` for the first target named, ``target_<name>`` for
+    the others), ``scene_ids``, ``frame_index (B,)`` and ``images`` (or None).
 
     ``PairCollate`` uses the stacked tensors directly; anything else (torch's default collate,
     a loop) sees a sequence of per-item dicts, built only when asked for.
     """
 
-    def __init__(self, points: torch.Tensor, target: torch.Tensor | None, scene_ids: list[str],
-                 frame_index: torch.Tensor, images: list[bytes] | None = None) -> None:  # fmt: skip
-        self.points, self.target, self.scene_ids = points, target, scene_ids
+    def __init__(self, points: torch.Tensor, targets: dict[str, torch.Tensor],
+                 scene_ids: list[str], frame_index: torch.Tensor,
+                 images: list[bytes] | None = None) -> None:  # fmt: skip
+        self.points, self.targets, self.scene_ids = points, targets, scene_ids
         self.frame_index, self.images = frame_index, images
 
     def __len__(self) -> int:
@@ -98,8 +100,8 @@ class PairBatch(Sequence):
             "scene_id": self.scene_ids[k],
             "frame_index": int(self.frame_index[k]),
         }
-        if self.target is not None:
-            item["target"] = self.target[k]
+        for key, values in self.targets.items():
+            item[key] = values[k]
         if self.images is not None:
             item["image"] = self.images[k]
         return item
@@ -111,19 +113,21 @@ class PairDataset(Dataset):
     Args:
         roots: one OUT directory or several (e.g. the parts of a ``--shard`` run).
         target: name of teacher targets to return (``"prefix"``, ``"clip"``...), read from
-            ``OUT/targets/<target>/<scene_id>.safetensors``; every scene must have them.
+            ``OUT/targets/<target>/<scene_id>.safetensors``; every scene must have them. A
+            sequence of names (``("prefix", "clip")``) returns several.
         with_image: also return the colour JPEG bytes.
         in_memory: read every pair's points (and targets) into memory once, here, instead of
             from the memory-mapped files (100 k pairs of 4096 points take 4.9 GB as float32);
             not with ``with_image``.
 
     Item ``i`` is a dict: ``points`` float32 ``(P, 3)``, ``scene_id`` str, ``frame_index``
-    int, and ``target`` ``(T, C)`` as stored (float16: it is cast on the device, which halves
-    what the loader moves) / ``image`` bytes when asked for.
+    int, and ``target`` ``(T, C)`` (the first target named) / ``target_<name>`` (the others,
+    e.g. ``target_clip``) as stored (float16: cast on the device, which halves what the loader
+    moves) / ``image`` bytes when asked for.
 
     A DataLoader fetches a whole batch at once through :meth:`__getitems__`: rows of the same
-    scene are read with one Arrow ``take`` and one target slice, about 3.5x cheaper per pair
-    than row by row (``benchmarks/pretrain.py``).
+    scene are read with one Arrow ``take`` and one slice per target, about 2.4x cheaper per
+    pair than row by row (``benchmarks/pretrain.py``).
 
     Only paths and row counts are held until the first item is read; datasets (memory-mapped
     Arrow files) and target files are then opened lazily in each process, so the object is
@@ -133,7 +137,7 @@ class PairDataset(Dataset):
     def __init__(
         self,
         roots: str | Path | Sequence[str | Path],
-        target: str | None = None,
+        target: str | Sequence[str] | None = None,
         with_image: bool = False,
         in_memory: bool = False,
     ) -> None:
@@ -143,13 +147,18 @@ class PairDataset(Dataset):
         self.offsets = [0]
         for count in self.rows:
             self.offsets.append(self.offsets[-1] + count)
-        self.target = target
+        names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        self.targets: tuple[str, ...] = names
+        self.target = names[0] if names else None
         self.with_image = with_image
-        self.target_paths: list[Path] = []
-        if target is not None:
-            self.target_paths = [target_file(p, target) for p in self.scene_paths]
-            for path, rows in zip(self.target_paths, self.rows, strict=True):
+        # target name -> one targets file per scene, in scene order
+        self.paths_of_target: dict[str, list[Path]] = {}
+        for name in names:
+            paths = [target_file(p, name) for p in self.scene_paths]
+            for path, rows in zip(paths, self.rows, strict=True):
                 self._check_targets(path, rows)
+            self.paths_of_target[name] = paths
+        self.target_paths: list[Path] = self.paths_of_target.get(self.target, [])
         self._reset()
         self.memory: dict[str, Any] | None = None
         if in_memory:
@@ -161,7 +170,7 @@ class PairDataset(Dataset):
     def _reset(self) -> None:
         self._pid = os.getpid()
         self._datasets: dict[int, Any] = {}
-        self._targets: dict[int, Any] = {}
+        self._targets: dict[tuple[int, str], Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -202,13 +211,13 @@ class PairDataset(Dataset):
             self._datasets[scene] = dataset
         return dataset
 
-    def _target_slice(self, scene: int) -> Any:
-        handle = self._targets.get(scene)
+    def _target_slice(self, scene: int, name: str) -> Any:
+        handle = self._targets.get((scene, name))
         if handle is None:
             from safetensors import safe_open
 
-            handle = safe_open(str(self.target_paths[scene]), framework="pt")
-            self._targets[scene] = handle
+            handle = safe_open(str(self.paths_of_target[name][scene]), framework="pt")
+            self._targets[(scene, name)] = handle
         return handle.get_slice("targets")
 
     # ------------------------------------------------------------------ Dataset API
@@ -236,13 +245,16 @@ class PairDataset(Dataset):
             memory = self.memory
             return PairBatch(
                 memory["points"][flat],
-                None if memory["target"] is None else memory["target"][flat],
+                {key: values[flat] for key, values in memory["targets"].items()},
                 [self.scene_ids[int(s)] for s in memory["scene"][flat]],
                 memory["frame_index"][flat],
             )
         count = len(located)
         order: list[int] = []
-        points, targets, scene_ids, frames, images = [], [], [], [], []
+        points, scene_ids, frames, images = [], [], [], []
+        targets: dict[str, list[torch.Tensor]] = {
+            self._target_key(i): [] for i in range(len(self.targets))
+        }
         by_scene: dict[int, list[int]] = {}
         for position, (scene, _) in enumerate(located):
             by_scene.setdefault(scene, []).append(position)
@@ -250,9 +262,10 @@ class PairDataset(Dataset):
             rows = [located[p][1] for p in positions]
             records = self._scene(scene)[rows]  # one Arrow take for the scene's rows
             points.append(torch.from_numpy(records["points"].astype("float32", copy=False)))
-            if self.target is not None:
-                lo, hi = min(rows), max(rows)
-                targets.append(self._target_slice(scene)[lo : hi + 1][torch.tensor(rows) - lo])
+            lo, hi = min(rows), max(rows)
+            for position, name in enumerate(self.targets):
+                block = self._target_slice(scene, name)[lo : hi + 1]
+                targets[self._target_key(position)].append(block[torch.tensor(rows) - lo])
             scene_ids += [str(s) for s in records["scene_id"]]
             frames.append(torch.from_numpy(records["frame_index"].astype("int64")))
             if self.with_image:
@@ -263,15 +276,21 @@ class PairDataset(Dataset):
         inverse[torch.tensor(order)] = torch.arange(count)
         return PairBatch(
             torch.cat(points)[inverse],
-            torch.cat(targets)[inverse] if targets else None,
+            {key: torch.cat(values)[inverse] for key, values in targets.items()},
             [scene_ids[i] for i in inverse.tolist()],
             torch.cat(frames)[inverse],
             [images[i] for i in inverse.tolist()] if self.with_image else None,
         )
 
     # ------------------------------------------------------------------ in memory
+    def _target_key(self, position: int) -> str:
+        return "target" if position == 0 else f"target_{self.targets[position]}"
+
     def _load_all(self) -> dict[str, Any]:
-        points, targets, scene_of, frames = [], [], [], []
+        points, scene_of, frames = [], [], []
+        targets: dict[str, list[torch.Tensor]] = {
+            self._target_key(i): [] for i in range(len(self.targets))
+        }
         for scene in range(len(self.scene_paths)):
             if not self.rows[scene]:
                 continue
@@ -279,14 +298,12 @@ class PairDataset(Dataset):
             points.append(torch.from_numpy(table["points"].astype("float32", copy=False)))
             frames.append(torch.from_numpy(table["frame_index"].astype("int64")))
             scene_of.append(torch.full((self.rows[scene],), scene, dtype=torch.int32))
-            if self.target is not None:
-                targets.append(self._target_slice(scene)[:])
+            for position, name in enumerate(self.targets):
+                targets[self._target_key(position)].append(self._target_slice(scene, name)[:])
         self._reset()  # no open files kept: the object goes to loader workers
         return {
             "points": torch.cat(points),
-            "target": torch.cat(targets) if targets else None,
+            "targets": {key: torch.cat(values) for key, values in targets.items()},
             "scene": torch.cat(scene_of),
             "frame_index": torch.cat(frames),
         }
-
-

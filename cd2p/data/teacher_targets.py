@@ -11,8 +11,12 @@ pairs contract)::
         metadata:  {"teacher": <description>, "random_teacher": "true" | "false"}
     PAIRS/targets/<target>/.<scene_id>.safetensors.<random>.tmp   being written (then renamed)
 
-A scene counts as done when its targets file opens, holds ``N`` rows of the right shape and
-was written by the same kind of teacher; anything else (no file, a stale temporary, a
+Several targets (``prefix`` and ``clip``) come from one CLIP pass per image
+(:meth:`Teacher.compute`); each has its own file, and its metadata names what computes it
+(``"clip"`` files name CLIP alone, so the same CLIP with or without the mapper is one teacher).
+
+A scene counts as done when its targets files open, hold ``N`` rows of the right shape and
+were written by the same kind of teacher; anything else (no file, a stale temporary, a
 truncated or mis-shaped file) is computed again, so an interrupted run resumes where it
 stopped. Targets of a *random* teacher next to real ones (or of another random seed) are an
 error unless ``overwrite`` is set: mixing them in one pre-training set would be silent and
@@ -34,15 +38,32 @@ from torch.utils.data import DataLoader, Dataset
 
 from cd2p._atomic import atomic_output
 from cd2p.data.pairs import scene_dirs, target_file
-from cd2p.models.teacher import Teacher, clip_transform, decode_image
+from cd2p.models.teacher import TARGETS, Teacher, clip_transform, decode_image, target_shape
 
 TARGETS_DIR = "targets"
 TENSOR_NAME = "targets"
 
 
-def targets_metadata(teacher: Teacher) -> dict[str, str]:
-    """The safetensors metadata of a targets file written by ``teacher``."""
-    return {"teacher": teacher.description, "random_teacher": str(teacher.is_random).lower()}
+def targets_metadata(teacher: Teacher, target: str | None = None) -> dict[str, str]:
+    """The safetensors metadata of a ``target`` file (default: the teacher's own target)
+    written by ``teacher``."""
+    return {
+        "teacher": teacher.target_description(target or teacher.target),
+        "random_teacher": str(teacher.is_random).lower(),
+    }
+
+
+def parse_targets(value: str | Sequence[str]) -> tuple[str, ...]:
+    """``"prefix,clip"`` or ``["prefix", "clip"]`` -> ``("prefix", "clip")``, checked."""
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    if not names or any(name not in TARGETS for name in names):
+        raise ValueError(
+            f"unknown teacher target(s) {value!r}; choose among {', '.join(TARGETS)}, "
+            "comma-separated (e.g. prefix,clip)"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"teacher target named twice in {value!r}")
+    return tuple(names)
 
 
 def read_targets_header(path: str | Path) -> tuple[tuple[int, ...], str, dict[str, str]] | None:
@@ -88,26 +109,39 @@ def _other_teacher(found: dict[str, str], wanted: dict[str, str]) -> bool:
 
 @dataclass(frozen=True)
 class SceneJob:
-    """One scene dataset and the targets file it needs."""
+    """One scene dataset and the targets files it needs (one per target, in plan order)."""
 
     scene_dir: Path
     rows: int
-    out: Path
+    outs: tuple[Path, ...]
 
     @property
     def scene_id(self) -> str:
         return self.scene_dir.name
 
+    @property
+    def out(self) -> Path:
+        """The file of the first target."""
+        return self.outs[0]
+
 
 @dataclass
 class TargetsPlan:
-    """What ``write_teacher_targets`` will do: scenes to compute and scenes already done."""
+    """What ``write_teacher_targets`` will do: scenes to compute and scenes already done.
+
+    ``target`` names the targets as given (``"prefix"``, ``"prefix,clip"``); ``targets``
+    lists them.
+    """
 
     target: str
     teacher: str
     random_teacher: bool
     to_compute: list[SceneJob] = field(default_factory=list)
     done: list[SceneJob] = field(default_factory=list)
+    targets: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.targets = self.targets or parse_targets(self.target)
 
     @property
     def images(self) -> int:
@@ -144,29 +178,39 @@ def plan_teacher_targets(
     *,
     overwrite: bool = False,
     shard: tuple[int, int] = (0, 1),
+    targets: str | Sequence[str] | None = None,
 ) -> TargetsPlan:
     """Sort the scenes under the prepared pairs ``roots`` into done and to-do for ``teacher``.
 
-    ``shard=(i, n)`` keeps every n-th scene starting at the i-th (one process per GPU).
+    ``targets``: the targets to write (``"prefix,clip"``: both from one CLIP pass); default
+    the teacher's own. ``shard=(i, n)`` keeps every n-th scene starting at the i-th (one
+    process per GPU). A scene is done when every one of its targets files is complete.
     Raises ``ValueError`` when a complete targets file of another teacher exists and
     ``overwrite`` is False.
     """
+    names = parse_targets(targets if targets is not None else teacher.target)
+    for name in names:
+        teacher.target_description(name)  # a clip-only teacher cannot give prefixes
     index, count = shard
-    plan = TargetsPlan(teacher.target, teacher.description, teacher.is_random)
-    wanted = targets_metadata(teacher)
+    plan = TargetsPlan(",".join(names), teacher.description, teacher.is_random, targets=names)
     for scene_dir in scene_dirs(roots)[index::count]:
-        job = SceneJob(scene_dir, _scene_rows(scene_dir), target_file(scene_dir, teacher.target))
-        header = read_targets_header(job.out)
-        complete = header is not None and header[0] == (job.rows, *teacher.target_shape)
-        if complete and not overwrite and _other_teacher(header[2], wanted):
-            raise ValueError(
-                f"{job.out} holds targets of another teacher "
-                f"({header[2].get('teacher', 'unknown')!r}, random_teacher="
-                f"{header[2].get('random_teacher', '?')}) than the one requested "
-                f"({wanted['teacher']!r}, random_teacher={wanted['random_teacher']}); "
-                "one pre-training set must not mix teachers: pass --overwrite to recompute "
-                f"all of {job.out.parent}, or use another PAIRS copy"
-            )
+        outs = tuple(target_file(scene_dir, name) for name in names)
+        job = SceneJob(scene_dir, _scene_rows(scene_dir), outs)
+        complete = True
+        for name, out in zip(names, outs, strict=True):
+            header = read_targets_header(out)
+            this = header is not None and header[0] == (job.rows, *target_shape(name))
+            wanted = targets_metadata(teacher, name)
+            if this and not overwrite and _other_teacher(header[2], wanted):
+                raise ValueError(
+                    f"{out} holds targets of another teacher "
+                    f"({header[2].get('teacher', 'unknown')!r}, random_teacher="
+                    f"{header[2].get('random_teacher', '?')}) than the one requested "
+                    f"({wanted['teacher']!r}, random_teacher={wanted['random_teacher']}); "
+                    "one pre-training set must not mix teachers: pass --overwrite to "
+                    f"recompute all of {out.parent}, or use another PAIRS copy"
+                )
+            complete = complete and this
         (plan.done if complete and not overwrite else plan.to_compute).append(job)
     return plan
 
@@ -231,10 +275,11 @@ def write_teacher_targets(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if plan.target != teacher.target or plan.teacher != teacher.description:
+    if plan.teacher != teacher.description:
         raise ValueError("the plan was made for another teacher")
     start = time.perf_counter()
-    metadata = targets_metadata(teacher)
+    names = plan.targets
+    metadata = {name: targets_metadata(teacher, name) for name in names}
     images = _PairImages(plan.to_compute, teacher.image_size)
     loader = DataLoader(
         images,
@@ -245,31 +290,37 @@ def write_teacher_targets(
     )
     pending = list(plan.to_compute)  # scenes in loader order; the head one is being filled
     for job in pending:
-        _remove_stale_temporaries(job.out)
-    filled: list[torch.Tensor] = []
+        for out in job.outs:
+            _remove_stale_temporaries(out)
+    filled: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     have = 0
 
     def flush() -> None:
         """Write every leading scene whose rows are all computed."""
-        nonlocal filled, have
+        nonlocal have
         while pending and have >= pending[0].rows:
             job = pending.pop(0)
-            rows = torch.cat(filled) if filled else torch.empty(0, *teacher.target_shape)
-            write_targets(job.out, rows[: job.rows], metadata)
-            filled, have = [rows[job.rows :]], have - job.rows
+            for name, out in zip(names, job.outs, strict=True):
+                parts = filled[name]
+                rows = torch.cat(parts) if parts else torch.empty(0, *target_shape(name))
+                write_targets(out, rows[: job.rows], metadata[name])
+                filled[name] = [rows[job.rows :]]
+            have -= job.rows
 
     flush()  # scenes with no pairs get an empty (0, T, C) file
     for batch in loader:
-        out = teacher(batch.to(teacher.device, non_blocking=True)).float().cpu()
-        filled.append(out)
-        have += out.shape[0]
+        computed = teacher.compute(batch.to(teacher.device, non_blocking=True), names)
+        for name in names:
+            filled[name].append(computed[name].float().cpu())
+        count = batch.shape[0]
+        have += count
         flush()
         if on_images is not None:
-            on_images(out.shape[0])
+            on_images(count)
     if pending:  # the loader ran dry early: a scene changed on disk while we read it
         raise RuntimeError(f"scene {pending[0].scene_dir} has fewer rows than when planned")
     return TargetsSummary(
-        target=teacher.target,
+        target=plan.target,
         teacher=teacher.description,
         random_teacher=teacher.is_random,
         scenes_done=[job.scene_id for job in plan.to_compute],
@@ -288,10 +339,11 @@ def prepare_teacher_targets(
     overwrite: bool = False,
     shard: tuple[int, int] = (0, 1),
     on_images: Callable[[int], None] | None = None,
+    targets: str | Sequence[str] | None = None,
 ) -> TargetsSummary:
     """``plan_teacher_targets`` then ``write_teacher_targets``: the library form of
-    ``cd2p prepare teacher``."""
-    plan = plan_teacher_targets(roots, teacher, overwrite=overwrite, shard=shard)
+    ``cd2p prepare teacher`` (``targets="prefix,clip"`` writes both from one CLIP pass)."""
+    plan = plan_teacher_targets(roots, teacher, overwrite=overwrite, shard=shard, targets=targets)
     return write_teacher_targets(
         plan, teacher, batch_size=batch_size, workers=workers, on_images=on_images
     )

@@ -4,14 +4,18 @@
 :class:`~cd2p.data.pairs.PairDataset` with the teacher targets stored by
 ``cd2p prepare teacher`` (or the JPEGs, when ``pretrain.targets: on-the-fly`` runs the frozen
 teacher inside each step), trains it with the shared :class:`~cd2p.engine.trainer.Trainer`
-and exports the student as a Hub-format backbone in ``RUN/backbone/``.
+and exports the student as a Hub-format backbone in ``RUN/backbone/`` and, for the
+distillation objectives, the whole student (backbone, concepts, alignment heads) in
+``RUN/student/``. :func:`export_run_student` exports the student of an existing run from its
+latest checkpoint.
 
 Run directory::
 
     RUN/recipe.yaml      the recipe as run          RUN/metrics.jsonl   training curves
     RUN/run.json         data, teacher, recipe name RUN/checkpoints/    resumable state
     RUN/backbone/        Cd2pBackbone.from_pretrained("RUN/backbone")
-    RUN/summary.json     final loss, steps, teacher, export path
+    RUN/student/         Cd2pStudent.from_pretrained("RUN/student") (not for `mae`)
+    RUN/summary.json     final loss, steps, teacher, export paths
 """
 
 from __future__ import annotations
@@ -37,27 +41,32 @@ from cd2p.provenance import check_same_data, data_fingerprint, provenance
 RUN_INFO = "run.json"
 SUMMARY = "summary.json"
 BACKBONE_DIR = "backbone"
+STUDENT_DIR = "student"
 
-# The stored teacher target each objective learns from (None: no teacher).
-TARGET_OF_OBJECTIVE: dict[str, str | None] = {
-    "distill": "prefix",
-    "distill-no-concept": "prefix",
-    "distill-clip": "clip",
-    "mae": None,
-    "mae+distill": "prefix",
+# The stored teacher targets each objective learns from, main target first (none for mae).
+TARGETS_OF_OBJECTIVE: dict[str, tuple[str, ...]] = {
+    "distill": ("prefix",),
+    "distill-no-concept": ("prefix",),
+    "distill-clip": ("clip",),
+    "distill+clip": ("prefix", "clip"),
+    "mae": (),
+    "mae+distill": ("prefix",),
 }
 
 
 class PretrainStep(nn.Module):
     """Adapts :class:`Cd2pPretrainModel` to the trainer: ``forward(batch)`` with
-    ``batch["points"] (B, N, 3)`` and ``batch["target"] (B, T, C)`` (absent for ``mae``)."""
+    ``batch["points"] (B, N, 3)``, ``batch["target"] (B, T, C)`` (absent for ``mae``) and
+    ``batch["target_clip"] (B, 1, 512)`` (``distill+clip``'s second target)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return self.model(batch["points"], batch.get("target"))
+        return self.model(
+            batch["points"], batch.get("target"), clip_target=batch.get("target_clip")
+        )
 
 
 class PairCollate:
@@ -75,13 +84,12 @@ class PairCollate:
 
         # Targets stay as stored (float16) until the device: half the bytes to move.
         if isinstance(items, PairBatch):  # read at once by PairDataset.__getitems__
-            batch: dict[str, Any] = {"points": items.points}
-            if items.target is not None:
-                batch["target"] = items.target
+            batch: dict[str, Any] = {"points": items.points, **items.targets}
         else:
             batch = {"points": torch.stack([item["points"] for item in items])}
-            if "target" in items[0]:
-                batch["target"] = torch.stack([item["target"] for item in items])
+            for key in items[0]:
+                if key == "target" or key.startswith("target_"):
+                    batch[key] = torch.stack([item[key] for item in items])
         if self.decode_images:
             from cd2p.models.teacher import clip_transform, decode_image
 
@@ -101,6 +109,7 @@ class PrepareBatch:
     def __init__(self, recipe: Recipe, teacher: nn.Module | None = None) -> None:
         self.data = recipe.data
         self.teacher = teacher
+        self.targets = TARGETS_OF_OBJECTIVE[recipe.pretrain.objective]
 
     def __call__(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         points = random_subsample(batch["points"], self.data.num_points, ctx.generator)
@@ -108,7 +117,10 @@ class PrepareBatch:
             points, ctx.generator, self.data.scale_low, self.data.scale_high, self.data.translate
         )
         if self.teacher is not None:
-            batch["target"] = self.teacher(batch.pop("pixels"))
+            # Every target of the objective from one CLIP pass.
+            computed = self.teacher.compute(batch.pop("pixels"), self.targets)
+            for position, name in enumerate(self.targets):
+                batch["target" if position == 0 else f"target_{name}"] = computed[name]
         return batch
 
 
@@ -118,6 +130,7 @@ class PretrainResult:
 
     run: RunResult
     backbone_dir: Path | None
+    student_dir: Path | None
     pairs: int
     teacher: str
     random_teacher: bool
@@ -137,37 +150,54 @@ def build_pretrain_model(recipe: Recipe) -> nn.Module:
         decoder_depth=cfg.decoder_depth,
         # Point-MAE's decoder has the encoder's width and head count.
         decoder_heads=recipe.model.num_heads,
+        clip_weight=cfg.clip_weight,
     )
 
 
 def _stored_teacher(dataset: Any) -> tuple[str, bool]:
-    """Description and randomness of the teacher that wrote a dataset's stored targets."""
+    """Description and randomness of the teacher that wrote a dataset's stored targets (of
+    its main target; the targets of each name must come from one teacher, and a second
+    target (``clip``) must be as random as the first)."""
     from cd2p.data.teacher_targets import read_targets_header
 
-    teachers, random_flags = set(), set()
-    for path in dataset.target_paths:
-        header = read_targets_header(path)
-        if header is None:
-            raise ValueError(f"{path} is not a readable targets file; rerun `cd2p prepare teacher`")
-        teachers.add(header[2].get("teacher", "unknown"))
-        random_flags.add(header[2].get("random_teacher", "false") == "true")
-    if len(teachers) > 1:
+    found: list[tuple[str, bool]] = []
+    for name in dataset.targets:
+        teachers, random_flags = set(), set()
+        for path in dataset.paths_of_target[name]:
+            header = read_targets_header(path)
+            if header is None:
+                raise ValueError(
+                    f"{path} is not a readable targets file; rerun `cd2p prepare teacher`"
+                )
+            teachers.add(header[2].get("teacher", "unknown"))
+            random_flags.add(header[2].get("random_teacher", "false") == "true")
+        if len(teachers) > 1:
+            raise ValueError(
+                f"the pairs' stored {name!r} targets come from different teachers "
+                f"({sorted(teachers)}); recompute them with one teacher "
+                "(`cd2p prepare teacher --overwrite`)"
+            )
+        found.append((teachers.pop() if teachers else "none", any(random_flags)))
+    if not found:
+        return "none", False
+    if len({randomness for _, randomness in found}) > 1:
         raise ValueError(
-            f"the pairs' stored targets come from different teachers ({sorted(teachers)}); "
-            "recompute them with one teacher (`cd2p prepare teacher --overwrite`)"
+            f"the pairs' {' and '.join(dataset.targets)} targets mix a RANDOM teacher and a "
+            "real one; recompute them together with `cd2p prepare teacher --target "
+            f"{','.join(dataset.targets)} --overwrite`"
         )
-    return (teachers.pop() if teachers else "none"), any(random_flags)
+    return found[0]
 
 
 def _open_pairs(recipe: Recipe, data: Sequence[Path]) -> Any:
     from cd2p.data.pairs import PairDataset
 
-    target = TARGET_OF_OBJECTIVE[recipe.pretrain.objective]
-    on_the_fly = recipe.pretrain.targets == "on-the-fly" and target is not None
+    targets = TARGETS_OF_OBJECTIVE[recipe.pretrain.objective]
+    on_the_fly = recipe.pretrain.targets == "on-the-fly" and bool(targets)
     try:
         dataset = PairDataset(
             list(data),
-            target=None if on_the_fly else target,
+            target=None if on_the_fly else (targets or None),
             with_image=on_the_fly,
             in_memory=recipe.data.in_memory and not on_the_fly,
         )
@@ -175,9 +205,10 @@ def _open_pairs(recipe: Recipe, data: Sequence[Path]) -> Any:
         if "teacher targets" not in str(exc):
             raise
         roots = " ".join(str(p) for p in data)
+        names = ",".join(targets)
         raise FileNotFoundError(
-            f"{exc}. Objective {recipe.pretrain.objective!r} learns from the {target!r} teacher "
-            f"targets: compute them once with `cd2p prepare teacher {roots} --target {target}`, "
+            f"{exc}. Objective {recipe.pretrain.objective!r} learns from the {names!r} teacher "
+            f"targets: compute them once with `cd2p prepare teacher {roots} --target {names}`, "
             "or set pretrain.targets=on-the-fly to run the teacher during training"
         ) from None
     if len(dataset) == 0:
@@ -195,7 +226,8 @@ def _open_pairs(recipe: Recipe, data: Sequence[Path]) -> Any:
 def _build_teacher(recipe: Recipe, device: torch.device) -> nn.Module:
     from cd2p.models.teacher import Teacher
 
-    target = TARGET_OF_OBJECTIVE[recipe.pretrain.objective]
+    targets = TARGETS_OF_OBJECTIVE[recipe.pretrain.objective]
+    target = "prefix" if "prefix" in targets else "clip"  # the prefix teacher also gives clip
     cfg = recipe.pretrain
     if cfg.random_teacher:
         return Teacher.random(target, seed=recipe.run.seed, device=device)
@@ -216,6 +248,95 @@ def export_backbone(
     with atomic_directory(out_dir) as tmp:
         backbone.save_pretrained(tmp, model_card_kwargs=card)
     return out_dir
+
+
+def pairs_voxel_size(data: Sequence[str | Path]) -> float | None:
+    """The voxel grid (``--voxel-size``) the pairs were prepared with, from their
+    ``prepare_config.json``; ``None`` when no part records one or the parts differ."""
+    sizes = set()
+    for root in data:
+        path = Path(root) / "prepare_config.json"
+        if not path.is_file():
+            return None
+        try:
+            value = json.loads(path.read_text()).get("voxel_size")
+        except json.JSONDecodeError:
+            return None
+        sizes.add(value)
+    if len(sizes) != 1:
+        return None
+    value = sizes.pop()
+    return float(value) if isinstance(value, int | float) else None
+
+
+def export_student(
+    model: nn.Module, out_dir: Path, recipe: Recipe, data: Sequence[str | Path],
+    training: dict[str, Any], provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Save the whole student of ``model`` (a ``Cd2pPretrainModel``) as ``out_dir`` (a
+    Hub-format ``Cd2pStudent``) atomically, with the point preprocessing of pre-training:
+    ``data.num_points`` points and the pairs' voxel grid."""
+    student = model.export_student(recipe.data.num_points, pairs_voxel_size(data))
+    with atomic_directory(out_dir) as tmp:
+        student.save_pretrained(tmp, model_card_kwargs={"training": training,
+                                                        "provenance": provenance})
+    return out_dir
+
+
+def _training_facts(
+    recipe: Recipe, recipe_name: str | None, data: Sequence[Path], pairs: int, step: int,
+    epoch: int, final_loss: float | None, teacher_desc: str, teacher_random: bool,
+) -> dict[str, Any]:
+    """What the exported models' cards say about the run."""
+    return {
+        "recipe": recipe_name or recipe.description or "custom",
+        "objective": recipe.pretrain.objective,
+        "data": ", ".join(str(p) for p in data) + f" ({pairs} pairs)",
+        "steps": f"{step} ({epoch} epochs, batch {recipe.data.batch_size})",
+        "final loss": f"{final_loss:.5g}" if final_loss is not None else "n/a",
+        "teacher": teacher_desc,
+        "random teacher": "yes (NOT CLIP: a pipeline test)" if teacher_random else "no",
+    }
+
+
+def export_run_student(
+    run_dir: str | Path, out: str | Path | None = None, checkpoint: str | Path | None = None
+) -> Path:
+    """Export the whole student of an existing pre-training run from a checkpoint (default:
+    its latest) to ``out`` (default ``RUN/student``); returns ``out``.
+
+    For runs made before cd2p exported the student, or to take an earlier checkpoint. The
+    model card records the checkpoint's step and the run's data and teacher.
+    """
+    from cd2p.engine.checkpoint import latest_checkpoint, load_checkpoint
+
+    run_dir = Path(run_dir)
+    recipe_file, info_file = run_dir / "recipe.yaml", run_dir / RUN_INFO
+    if not recipe_file.is_file() or not info_file.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a cd2p pretrain run (no recipe.yaml/run.json)")
+    recipe = load_recipe(recipe_file)
+    if recipe.task != "pretrain":
+        raise ValueError(f"{run_dir} is a {recipe.task!r} run, not a pre-training run")
+    if not TARGETS_OF_OBJECTIVE[recipe.pretrain.objective]:
+        raise ValueError(
+            f"{run_dir} was trained with objective {recipe.pretrain.objective!r}, which has no "
+            "student to export (only its backbone, RUN/backbone)"
+        )
+    checkpoint = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/latest)")
+    info = json.loads(info_file.read_text())
+    model = build_pretrain_model(recipe)
+    state = load_checkpoint(checkpoint, PretrainStep(model), restore_rng=False)
+    model.eval()
+    data = [Path(p) for p in info.get("data", [])]
+    training = _training_facts(
+        recipe, info.get("recipe_name"), data, int(info.get("pairs", 0)), state.step,
+        state.epoch, None, str(info.get("teacher", "unknown")), bool(info.get("random_teacher")),
+    )  # fmt: skip
+    training["exported from"] = f"checkpoint {checkpoint.name}"
+    out_dir = Path(out) if out is not None else run_dir / STUDENT_DIR
+    return export_student(model, out_dir, recipe, data, training)
 
 
 def run_pretrain(
@@ -288,7 +409,8 @@ def run_pretrain(
             console.print(f"[yellow]resumed with[/] {change}")
 
     dataset = _open_pairs(recipe, data)
-    target = TARGET_OF_OBJECTIVE[recipe.pretrain.objective]
+    targets = TARGETS_OF_OBJECTIVE[recipe.pretrain.objective]
+    target = targets[0] if targets else None
     on_the_fly = recipe.pretrain.targets == "on-the-fly" and target is not None
     if on_the_fly:
         teacher = teacher if teacher is not None else _build_teacher(recipe, dist.device)
@@ -349,17 +471,12 @@ def run_pretrain(
     )
     result = trainer.fit(resume=resume, stop_after=stop_after)
 
-    backbone_dir = None
+    backbone_dir = student_dir = None
     if result.completed and dist.is_main:
-        training = {
-            "recipe": recipe_name or recipe.description or "custom",
-            "objective": recipe.pretrain.objective,
-            "data": ", ".join(str(p) for p in data) + f" ({len(dataset)} pairs)",
-            "steps": f"{result.step} ({result.epoch} epochs, batch {recipe.data.batch_size})",
-            "final loss": f"{result.final_loss:.5g}" if result.final_loss is not None else "n/a",
-            "teacher": teacher_desc,
-            "random teacher": "yes (NOT CLIP: a pipeline test)" if teacher_random else "no",
-        }
+        training = _training_facts(
+            recipe, recipe_name, data, len(dataset), result.step, result.epoch,
+            result.final_loss, teacher_desc, teacher_random,
+        )  # fmt: skip
         setup = trainer_started - started if not resume else 0.0
         prov = provenance(
             data=fingerprint,
@@ -373,6 +490,9 @@ def run_pretrain(
             global_batch=recipe.data.batch_size,
         )
         backbone_dir = export_backbone(model, out_dir / BACKBONE_DIR, training, prov)
+        if targets:
+            student_dir = export_student(model, out_dir / STUDENT_DIR, recipe, data, training,
+                                         prov)  # fmt: skip
         atomic_write_json(
             out_dir / SUMMARY,
             {
@@ -386,6 +506,7 @@ def run_pretrain(
                 "teacher": teacher_desc,
                 "random_teacher": teacher_random,
                 "backbone": str(backbone_dir),
+                "student": str(student_dir) if student_dir is not None else None,
                 "weights_sha256": result.weights_sha256,
                 "provenance": prov,
             },
@@ -394,6 +515,7 @@ def run_pretrain(
     return PretrainResult(
         run=result,
         backbone_dir=out_dir / BACKBONE_DIR if result.completed else None,
+        student_dir=out_dir / STUDENT_DIR if result.completed and targets else None,
         pairs=len(dataset),
         teacher=teacher_desc,
         random_teacher=teacher_random,

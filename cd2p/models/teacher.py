@@ -218,6 +218,7 @@ class Teacher(nn.Module):
         description: str,
         is_random: bool,
         image_size: int = IMAGE_SIZE,
+        clip_description: str | None = None,
     ) -> None:
         super().__init__()
         _check_target(target)
@@ -227,6 +228,9 @@ class Teacher(nn.Module):
         self.mapper = mapper
         self.target = target
         self.description = description
+        # What computes the "clip" target alone (the CLIP tower, without the mapper): the
+        # targets files of "clip" name it, whichever teacher wrote them.
+        self.clip_description = clip_description or description
         self.is_random = is_random
         self.image_size = image_size
         self._transform = clip_transform(image_size)
@@ -241,7 +245,28 @@ class Teacher(nn.Module):
     @property
     def target_shape(self) -> tuple[int, int]:
         """``(T, C)`` of one target: ``(10, 768)`` for ``"prefix"``, ``(1, 512)`` for ``"clip"``."""
-        return (PREFIX_LENGTH, GPT2_DIM) if self.target == "prefix" else (1, CLIP_DIM)
+        return target_shape(self.target)
+
+    @property
+    def available_targets(self) -> tuple[str, ...]:
+        """The targets one pass can give: ``("prefix", "clip")`` with the mapper, else
+        ``("clip",)``."""
+        return ("prefix", "clip") if self.mapper is not None else ("clip",)
+
+    def target_description(self, target: str) -> str:
+        """What computes ``target``: the whole teacher for ``"prefix"``, CLIP alone for
+        ``"clip"`` (so that CLIP targets of a prefix teacher and of a clip teacher with the
+        same weights are recognised as the same)."""
+        self._check_available(target)
+        return self.description if target == "prefix" else self.clip_description
+
+    def _check_available(self, target: str) -> None:
+        _check_target(target)
+        if target not in self.available_targets:
+            raise ValueError(
+                f"this teacher (target {self.target!r}) has no ClipCap mapper: it cannot "
+                f"compute {target!r} targets"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -260,6 +285,19 @@ class Teacher(nn.Module):
             if self.mapper is None:
                 return embedding[:, None, :]
             return self.mapper(embedding)
+
+    @torch.no_grad()
+    def compute(self, images: torch.Tensor, targets: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Several targets from **one** CLIP pass: ``images (B, 3, 224, 224)`` ->
+        ``{"clip": (B, 1, 512), "prefix": (B, 10, 768)}`` (the names asked for), fp32."""
+        for name in targets:
+            self._check_available(name)
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            embedding = self.visual(images.float())  # (B, 512), un-normalised encode_image
+            out: dict[str, torch.Tensor] = {}
+            for name in targets:
+                out[name] = embedding[:, None, :] if name == "clip" else self.mapper(embedding)
+            return out
 
     def extra_repr(self) -> str:
         return f"target={self.target!r}, description={self.description!r}"
@@ -285,14 +323,17 @@ class Teacher(nn.Module):
         instructions when the weights cannot be fetched.
         """
         _check_target(target)
-        visual, clip_source = _load_clip_visual(model_name, clip_weights, cache_dir)
-        description = f"CLIP {model_name} ({clip_source})"
+        model, clip_source = load_clip_model(model_name, clip_weights, cache_dir)
+        clip_description = f"CLIP {model_name} ({clip_source})"
+        description = clip_description
         mapper = None
         if target == "prefix":
-            path = Path(clipcap_weights) if clipcap_weights else _fetch_clipcap(cache_dir)
+            path = Path(clipcap_weights) if clipcap_weights else fetch_clipcap(cache_dir)
             mapper = load_clipcap_mapper(path)
             description += f" + ClipCap MLP mapper ({path.name})"
-        teacher = cls(visual, mapper, target, description, is_random=False)
+        teacher = cls(
+            model.visual, mapper, target, description, False, clip_description=clip_description
+        )
         return teacher.to(device)
 
     @classmethod
@@ -312,15 +353,46 @@ class Teacher(nn.Module):
             with _quiet_open_clip():
                 model = open_clip.create_model(model_name, pretrained=None)
             mapper = ClipCapMapper() if target == "prefix" else None
-        description = f"RANDOM teacher (seed {seed}) — not CLIP ({model_name} architecture"
-        description += " + ClipCap MLP mapper)" if mapper is not None else ")"
-        return cls(model.visual, mapper, target, description, is_random=True).to(device)
+        clip_description = random_clip_description(seed, model_name)
+        description = clip_description
+        if mapper is not None:
+            description = clip_description[:-1] + " + ClipCap MLP mapper)"
+        teacher = cls(
+            model.visual, mapper, target, description, True, clip_description=clip_description
+        )
+        return teacher.to(device)
 
 
-def _load_clip_visual(
-    model_name: str, clip_weights: str | Path | None, cache_dir: str | Path | None
+def target_shape(target: str) -> tuple[int, int]:
+    """``(T, C)`` of one target: ``(10, 768)`` for ``"prefix"``, ``(1, 512)`` for ``"clip"``."""
+    _check_target(target)
+    return (PREFIX_LENGTH, GPT2_DIM) if target == "prefix" else (1, CLIP_DIM)
+
+
+def random_clip_description(seed: int, model_name: str = DEFAULT_MODEL_NAME) -> str:
+    """How a seeded random CLIP (``Teacher.random``, the random text tower) is described."""
+    return f"RANDOM teacher (seed {seed}) — not CLIP ({model_name} architecture)"
+
+
+def random_clip_model(seed: int, model_name: str = DEFAULT_MODEL_NAME) -> nn.Module:
+    """open_clip's ``model_name`` (both towers) with weights drawn from ``seed`` in a private
+    RNG stream (the caller's RNG is untouched): the same seed gives the same weights as
+    ``Teacher.random``'s image tower."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with _quiet_open_clip():
+            return open_clip.create_model(model_name, pretrained=None)
+
+
+def load_clip_model(
+    model_name: str = DEFAULT_MODEL_NAME,
+    clip_weights: str | Path | None = None,
+    cache_dir: str | Path | None = None,
 ) -> tuple[nn.Module, str]:
-    """open_clip's image tower of ``model_name`` with pretrained weights, and their source."""
+    """open_clip's whole ``model_name`` (image and text towers) with pretrained weights, and
+    their source: a local state dict (``clip_weights``, loaded with ``weights_only=True``) or
+    open_clip's ``openai`` download. Raises ``TeacherWeightsError`` (with how to pass local
+    files) when the download fails."""
     if clip_weights is not None:
         path = Path(clip_weights)
         if not path.is_file():
@@ -336,7 +408,7 @@ def _load_clip_visual(
             ) from exc
         except RuntimeError as exc:  # strict load_state_dict: missing/unexpected/mis-shaped keys
             raise ValueError(f"{path} is not a {model_name} open_clip checkpoint: {exc}") from exc
-        return model.visual, path.name
+        return model, path.name
     try:
         with _quiet_open_clip():
             model = open_clip.create_model(
@@ -350,10 +422,10 @@ def _load_clip_visual(
             f"could not fetch the CLIP weights (open_clip {model_name}, pretrained "
             f"'{CLIP_PRETRAINED_TAG}'): {exc}\n{_FETCH_HELP}"
         ) from exc
-    return model.visual, f"pretrained {CLIP_PRETRAINED_TAG}"
+    return model, f"pretrained {CLIP_PRETRAINED_TAG}"
 
 
-def _fetch_clipcap(cache_dir: str | Path | None) -> Path:
+def fetch_clipcap(cache_dir: str | Path | None = None) -> Path:
     """ClipCap's ``conceptual_weights.pt`` from the Hub, through the standard HF cache."""
     from huggingface_hub import hf_hub_download
 
