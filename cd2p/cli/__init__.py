@@ -47,6 +47,7 @@ def main() -> None:
       cd2p embed --model M CLOUDS --out F    pre-trained features of your own clouds
       cd2p caption --model RUN/student SCAN.ply   a sentence about a scan (ClipCap's GPT-2)
       cd2p zeroshot --model RUN/student --data D  zero-shot classification via CLIP text
+      cd2p export RUN                        the whole student of a pre-training run
       cd2p push RUN org/name                 the model and its card on the Hugging Face Hub
       cd2p pull org/name                     a model into the Hugging Face cache
       cd2p convert point-mae|clipcap ...     other checkpoints as cd2p / safetensors models

@@ -53,6 +53,11 @@ def environment_report() -> dict[str, str]:
         report["bf16 supported"] = "False (CPU runs in fp32)"
     try:
         backend = resolve_backend()
+        if backend == "default":
+            from cd2p.ops.fps_triton import triton_available
+
+            fused = "fused Triton FPS on CUDA" if triton_available() else "no Triton"
+            backend = f"torch ({fused})"
     except (ValueError, RuntimeError) as exc:
         backend = f"error: {exc}"
     cluster = "present" if cluster_available() else "absent"
