@@ -12,14 +12,17 @@ leaves half an output under its final name: a reader sees the old version or the
 Temporaries are hidden siblings of the target, ``.<name>.<pid>-<random>.tmp[suffix]``: the same
 directory means the same file system, where ``os.replace`` is an atomic rename. Unlike
 ``tempfile.mkstemp`` / ``mkdtemp`` (modes 0600 / 0700, which the rename would carry over to the
-final output), they are created with the default modes 0666 / 0777 minus the umask, so the
-result has the permissions a plain ``open()`` / ``mkdir()`` would give. There is no ``fsync``:
-the guarantee is against a killed process, not a power cut.
+final output), they are created with the default modes 0666 / 0777 minus the umask, and
+everything in them is given those modes again before the rename (writers such as safetensors'
+``save_file`` create 0600 files), so the result has the permissions a plain ``open()`` /
+``mkdir()`` would give. There is no ``fsync``: the guarantee is against a killed process, not a
+power cut.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -35,6 +38,38 @@ def _create_file(path: Path) -> None:
 
 def _create_dir(path: Path) -> None:
     os.mkdir(path, 0o777)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux shows it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and put back at once
+    os.umask(mask)
+    return mask
+
+
+def _usual_modes(path: Path) -> None:
+    """Give ``path`` (and, for a directory, everything in it) the modes a plain ``open()`` /
+    ``mkdir()`` would: some writers create private files (safetensors' ``save_file`` makes
+    0600 files), which the rename would otherwise publish as they are."""
+    mask = _umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    if path.is_dir():
+        for parent, dirs, names in os.walk(path):
+            for name in dirs:
+                os.chmod(os.path.join(parent, name), dir_mode)
+            for name in names:
+                full = os.path.join(parent, name)
+                if not os.path.islink(full):
+                    os.chmod(full, file_mode)
+        os.chmod(path, dir_mode)
+    elif path.is_file():
+        os.chmod(path, file_mode)
 
 
 def _fresh_sibling(path: Path, suffix: str, create: Callable[[Path], None]) -> Path:
@@ -63,6 +98,7 @@ def atomic_output(path: str | Path, suffix: str = "") -> Iterator[Path]:
     tmp = _fresh_sibling(path, suffix, _create_file)
     try:
         yield tmp
+        _usual_modes(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # still there only when the block failed
@@ -79,11 +115,25 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> N
     atomic_write_bytes(path, text.encode(encoding))
 
 
+def finite_json(data: Any) -> Any:
+    """``data`` with every non-finite float (NaN, +-inf) replaced by ``None``: JSON has no such
+    numbers, and other readers (jq, browsers, the Hub) refuse Python's bare ``NaN``."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite_json(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [finite_json(v) for v in data]
+    return data
+
+
 def atomic_write_json(
     path: str | Path, data: Any, *, indent: int | None = 2, sort_keys: bool = False
 ) -> None:
-    """Write ``data`` as JSON (and a final newline) to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n")
+    """Write ``data`` as JSON (and a final newline) to ``path`` atomically; a non-finite
+    number is written as ``null`` (:func:`finite_json`)."""
+    text = json.dumps(finite_json(data), indent=indent, sort_keys=sort_keys, allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
 @contextmanager
@@ -100,6 +150,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     tmp = _fresh_sibling(path, "", _create_dir)
     try:
         yield tmp
+        _usual_modes(tmp)
         if not (path.exists() or path.is_symlink()):
             os.replace(tmp, path)
             return
@@ -124,4 +175,5 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "finite_json",
 ]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from cd2p.tasks import task_names
 
@@ -28,7 +29,9 @@ class Cd2pError(click.ClickException):
 
     def show(self, file: Any = None) -> None:  # noqa: ARG002
         # One complete line, never wrapped (a log file or a narrow terminal).
-        err_console.print(f"[bold red]error:[/] {self.format_message()}", soft_wrap=True)
+        # The message is text, never markup: paths and peers' messages hold [...] too.
+        line = Text.assemble(("error:", "bold red"), " ", self.format_message())
+        err_console.print(line, soft_wrap=True)
 
 
 def user_errors(func: Callable) -> Callable:
