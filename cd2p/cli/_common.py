@@ -3,10 +3,12 @@ argument types several commands declare alike, device choice and summary tables.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +116,32 @@ def resumed_run_dir(out: Path | None, resume: Path) -> Path:
     if out is not None and out.resolve() != resume.resolve():
         raise click.UsageError("--out and --resume name different directories")
     return resume
+
+
+@contextlib.contextmanager
+def new_run_output(out: Path | None, resume: bool) -> Iterator[None]:
+    """Around a new training run: if it fails before it has anything to keep (no checkpoint,
+    no model), remove what it wrote into ``out``, so that the same ``--out`` works once the
+    problem is fixed instead of being refused as an existing run. Resumed runs and runs with a
+    checkpoint are left as they are (``--resume`` continues them)."""
+    existed = out is not None and out.exists()
+    fresh = out is not None and not resume and not (existed and any(out.iterdir()))
+    try:
+        yield
+    except BaseException as exc:
+        from cd2p.engine.trainer import TrainingInterrupted
+
+        keep = isinstance(exc, TrainingInterrupted | SystemExit) or not is_main_process()
+        if fresh and not keep and out.is_dir() and not _has_results(out):
+            shutil.rmtree(out)
+            if existed:  # the user's own empty directory stays
+                out.mkdir()
+        raise
+
+
+def _has_results(run_dir: Path) -> bool:
+    """Whether a run directory holds anything worth keeping: a checkpoint or a saved model."""
+    return any(run_dir.rglob("step-*")) or any(run_dir.rglob("model.safetensors"))
 
 
 def is_main_process() -> bool:

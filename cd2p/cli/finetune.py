@@ -13,6 +13,7 @@ from cd2p.cli._common import (
     is_main_process,
     key_value_table,
     multirun_table,
+    new_run_output,
     overrides_option,
     resume_option,
     resumed_run_dir,
@@ -193,20 +194,22 @@ def finetune(
                 kind = "few-shot-protocol"
                 command = (f"cd2p finetune {task} --few-shot-protocol --ways {ways} "
                            f"--shots {shots} --folds {folds} --queries {queries}")
-            _run_many(task, recipe, data, init, out, members, kind, name, command=command,
-                      progress=not no_progress)  # fmt: skip
+            with new_run_output(out, False):
+                _run_many(task, recipe, data, init, out, members, kind, name, command=command,
+                          progress=not no_progress)  # fmt: skip
             return
-    result = run_finetune(
-        task,
-        recipe,
-        data,
-        init,
-        out,
-        resume=resume is not None,
-        progress=not no_progress,
-        recipe_name=name,
-        overrides=overrides if resume is not None else (),
-    )
+    with new_run_output(out, resume is not None):
+        result = run_finetune(
+            task,
+            recipe,
+            data,
+            init,
+            out,
+            resume=resume is not None,
+            progress=not no_progress,
+            recipe_name=name,
+            overrides=overrides if resume is not None else (),
+        )
     if is_main_process():
         table = key_value_table(f"cd2p finetune {task}: {out}")
         if result.run is not None:

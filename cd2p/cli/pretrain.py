@@ -12,6 +12,7 @@ from cd2p.cli._common import (
     interruptible,
     is_main_process,
     key_value_table,
+    new_run_output,
     overrides_option,
     resume_option,
     resumed_run_dir,
@@ -81,15 +82,16 @@ def pretrain(
             raise click.UsageError("a new run needs --data PAIRS and --out RUN (or --resume RUN)")
         name = recipe_arg or "pretrain-scannet"
         recipe = load_recipe(name, overrides)
-    result = run_pretrain(
-        recipe,
-        list(data) or None,
-        out,
-        resume=resume is not None,
-        progress=not no_progress,
-        recipe_name=name,
-        overrides=overrides if resume is not None else (),
-    )
+    with new_run_output(out, resume is not None):
+        result = run_pretrain(
+            recipe,
+            list(data) or None,
+            out,
+            resume=resume is not None,
+            progress=not no_progress,
+            recipe_name=name,
+            overrides=overrides if resume is not None else (),
+        )
     if is_main_process():
         run = result.run
         table = key_value_table(f"cd2p pretrain: {out}")
