@@ -13,17 +13,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from cd2p._text import plain_console
 from cd2p.tasks import task_names
 
 if TYPE_CHECKING:  # torch is imported only by the commands that run something
     import torch
 
-console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Strings print as they are: styling only through cd2p._text.styled (paths hold [...] too).
+console = plain_console()
+err_console = plain_console(stderr=True)
 
 
 class Cd2pError(click.ClickException):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cd2p._text import styled
 from cd2p.cli._common import (
     EXISTING_DIR,
     console,
@@ -284,7 +285,8 @@ def _run_many(
 
     def announce(index: int, count: int, member, state: str) -> None:
         what = {"done": "done, kept", "resume": "resuming", "new": "training"}[state]
-        console.rule(f"[bold]{index + 1}/{count}[/] {member.name} ({what})")
+        console.rule(styled("[bold]{i}/{n}[/] {name} ({what})", i=index + 1, n=count,
+                            name=member.name, what=what))
 
     result = run_multi(task, recipe, data, init, out, members, kind=kind, command=command,
                        resume=resume, progress=progress, recipe_name=name,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cd2p._text import styled
 from cd2p.cli._common import (
     EXISTING_DIR,
     console,
@@ -103,13 +104,13 @@ def pretrain(
             table.add_row(key, f"{value:.5g}")
         # The stored description of a random teacher already says so; flag only the others.
         flag = result.random_teacher and "RANDOM" not in result.teacher
-        table.add_row("teacher", result.teacher + (" [bold red](RANDOM)" if flag else ""))
+        table.add_row("teacher", styled("{teacher}" + (" [bold red](RANDOM)" if flag else ""),
+                                         teacher=result.teacher))
         table.add_row("backbone", str(result.backbone_dir) if result.backbone_dir else "(not yet)")
         if result.student_dir:
             table.add_row("student", f"{result.student_dir} (cd2p caption / cd2p zeroshot)")
         console.print(table)
         if result.backbone_dir:
-            console.print(
-                f"load it with [bold]Cd2pBackbone.from_pretrained({str(result.backbone_dir)!r})"
-            )
+            console.print(styled("load it with [bold]Cd2pBackbone.from_pretrained({path})",
+                                 path=repr(str(result.backbone_dir))))
     D.cleanup()

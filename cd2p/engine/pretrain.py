@@ -32,6 +32,7 @@ from rich.console import Console
 from torch import nn
 
 from cd2p._atomic import atomic_directory, atomic_write_json
+from cd2p._text import plain_console, styled
 from cd2p.config import Recipe, apply_overrides, load_recipe, resume_changes
 from cd2p.engine import distributed as D
 from cd2p.engine.augment import random_subsample, scale_and_translate
@@ -403,10 +404,10 @@ def run_pretrain(
     if recipe.task != "pretrain":
         raise ValueError(f"recipe task is {recipe.task!r}, not 'pretrain'")
     data = [Path(p).resolve() for p in data_paths]
-    console = console or Console(stderr=True)
+    console = console or plain_console(stderr=True)
     if resume and dist.is_main:
         for change in changes:
-            console.print(f"[yellow]resumed with[/] {change}")
+            console.print(styled("[yellow]resumed with[/] {change}", change=change))
 
     dataset = _open_pairs(recipe, data)
     targets = TARGETS_OF_OBJECTIVE[recipe.pretrain.objective]
@@ -453,10 +454,10 @@ def run_pretrain(
             },
         )
         if teacher_random:
-            console.print(
+            console.print(styled(
                 "[bold yellow]warning:[/] the teacher is RANDOM (not CLIP): this student learns "
                 "a pipeline test, not useful features"
-            )
+            ))
     trainer_started = time.perf_counter()
     trainer = Trainer(
         PretrainStep(model),
