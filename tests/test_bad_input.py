@@ -50,8 +50,13 @@ def files(tmp_path_factory) -> dict[str, Path]:
     not_json = root / "not_json"
     shutil.copytree(backbone, not_json)
     (not_json / "config.json").write_text('{"dim": 32,')
-    return {"root": root, "raw": raw, "data": data, "backbone": backbone, "recipe": recipe,
-            "broken": broken, "unknown": unknown, "wrong_kind": wrong_kind,
+    truncated = root / "truncated"
+    shutil.copytree(backbone, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    return {"root": root, "truncated": truncated, "raw": raw, "data": data,
+            "backbone": backbone, "recipe": recipe, "broken": broken, "unknown": unknown,
+            "wrong_kind": wrong_kind,
             "not_json": not_json}  # fmt: skip
 
 
@@ -90,6 +95,10 @@ CASES = [
                            *FAST, "--init", "{wrong_kind}"], "holds a 'detection' model"),
     ("config-not-json", ["embed", "--model", "{not_json}", "{data}", "--out", "{out}"],
      "is not valid JSON"),
+    ("weights-truncated", ["embed", "--model", "{truncated}", "{data}", "--out", "{out}"],
+     "truncated/model.safetensors: not a readable safetensors file"),
+    ("init-truncated", ["finetune", "classification", "--data", "{data}", "--out", "{out}",
+                        *FAST, "--init", "{truncated}"], "damaged or truncated"),
     ("missing-data", ["finetune", "classification", "--data", "{root}/nowhere", "--out", "{out}"],
      "nowhere"),
     ("missing-model", ["evaluate", "classification", "--model", "{root}/nowhere", "--data",

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_model
 
 from cd2p._atomic import atomic_output, atomic_write_json
+from cd2p._reading import reading
 from cd2p._resources import hubcard_path
 from cd2p.cards import card_context, card_metadata
 
@@ -120,7 +121,8 @@ def load_state_dict_strict(model: torch.nn.Module, path: str | Path) -> None:
     """Load ``model.safetensors`` into ``model``; any key or shape difference is an error."""
     path = Path(path)
     expected = model.state_dict()
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with reading(path, "save or download the model again"), \
+            safe_open(str(path), framework="pt", device="cpu") as f:
         found = {key: f.get_slice(key).get_shape() for key in f.keys()}  # noqa: SIM118
         missing = sorted(set(expected) - set(found))
         unexpected = sorted(set(found) - set(expected))
