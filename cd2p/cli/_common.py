@@ -44,7 +44,8 @@ def user_errors(func: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as exc:
+        # OSError: a full disk, a permission, a file that vanished: the message names the file.
+        except (ValueError, OSError, KeyError, RuntimeError) as exc:
             if "--debug" in sys.argv:
                 raise
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
