@@ -18,6 +18,13 @@ Exact resume: the batches of an epoch are a pure function of ``(seed, epoch)``
 ``(seed, step, rank)``, the learning rate a pure function of ``step``, and the global RNGs
 (dropout, stochastic depth, MAE masks) are saved with every checkpoint. A run stopped after
 its checkpoint at step ``k`` and resumed therefore ends with bit-identical weights.
+
+Damage and divergence: a resume verifies the checkpoint it starts from and falls back to the
+newest intact one, warning about each damaged file (:func:`.checkpoint.latest_checkpoint`).
+The loss and the weights are checked to be finite where the trainer waits for the device
+anyway: every logged step, before an evaluation, and at a checkpoint (the optimiser state
+too). A run that diverged stops with :class:`TrainingDiverged` before anything non-finite is
+saved, so its last finite checkpoints stay on disk, whatever ``run.keep_checkpoints`` says.
 """
 
 from __future__ import annotations
@@ -39,18 +46,24 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cd2p._atomic import remove_stale_temporaries
 from cd2p.config import Recipe, save_recipe, to_dict
 from cd2p.data.epochs import EpochIndex
 from cd2p.engine import distributed as D
 from cd2p.engine.augment import step_generator
 from cd2p.engine.checkpoint import (
+    CHECKPOINTS,
+    NoIntactCheckpoint,
     capture_rng_state,
+    first_nonfinite,
     latest_checkpoint,
     load_checkpoint,
+    optimizer_tensors,
     save_checkpoint,
 )
 from cd2p.engine.loggers import MetricLogger, open_loggers
@@ -300,6 +313,29 @@ class TrainingInterrupted(Exception):  # noqa: N818 (it is a stop, not an error)
         return 128 + int(number)
 
 
+class TrainingDiverged(FloatingPointError, ValueError):
+    """The loss or the weights (or the optimiser state) stopped being finite.
+
+    Raised at the first logged step, evaluation or checkpoint after it happened, before
+    anything non-finite is written: ``checkpoint`` (the newest one on disk, ``None`` if none
+    was written) and those before it are kept. A ``ValueError`` too, so that the CLI prints it
+    as one line.
+    """
+
+    def __init__(self, run_dir: Path, step: int, problem: str, checkpoint: Path | None,
+                 hint: str) -> None:  # fmt: skip
+        self.run_dir = run_dir
+        self.step = step
+        self.problem = problem
+        self.checkpoint = checkpoint
+        last = (
+            f"the last finite checkpoint is {checkpoint}"
+            if checkpoint is not None
+            else "no checkpoint was written before it"
+        )
+        super().__init__(f"training diverged at step {step}: {problem}; {last}; {hint}")
+
+
 class _StopSignals:
     """While active, SIGINT / SIGTERM only set ``self.received`` (the trainer checkpoints and
     stops after the current step); a second Ctrl-C stops at once, without a checkpoint."""
@@ -480,6 +516,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.best: dict[str, Any] | None = None
+        # The newest checkpoint on disk (resumed from or written): named when the run diverges.
+        self._last_checkpoint: Path | None = None
         # Wall time of earlier sessions (from the checkpoint) and when this session started.
         self._wall_before = 0.0
         self._session_start = time.perf_counter()
@@ -553,7 +591,13 @@ class Trainer:
     def _wall_seconds(self) -> float:
         return self._wall_before + time.perf_counter() - self._session_start
 
-    def _save(self, step: int) -> Path | None:
+    def _save(self, step: int, pending_loss: torch.Tensor | None = None) -> Path | None:
+        """Checkpoint at ``step`` (rank 0 writes; every rank takes part).
+
+        ``pending_loss``: the summed loss of the steps since the last logged one, checked
+        with the weights and the optimiser state before anything is written.
+        """
+        self._check_finite(step, pending_loss, optimizer=True)
         local = capture_rng_state()
         # Gather every rank's RNG state on rank 0 as JSON-ready lists (no pickling).
         payload = {
@@ -585,13 +629,37 @@ class Trainer:
                 keep=self.recipe.run.keep_checkpoints,
             )
         D.barrier()
+        self._last_checkpoint = self.run_dir / CHECKPOINTS / f"step-{step:08d}"
         return path
 
     def _collective_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
+    def _warn(self, message: str) -> None:
+        """One warning line on rank 0 (never wrapped: a log file stays greppable)."""
+        if self.dist.is_main:
+            # escaped: a path or a parser's message may hold [brackets]
+            self.console.print(f"[bold yellow]warning:[/] {escape(message)}", soft_wrap=True,
+                               highlight=False)  # fmt: skip
+
+    def _resume_path(self) -> Path | None:
+        """The checkpoint to resume from: chosen (and verified) by rank 0, for every rank."""
+        choice: dict[str, Any] = {}
+        if self.dist.is_main:
+            try:
+                path = latest_checkpoint(self.run_dir, warn=self._warn)
+                choice = {"name": None if path is None else path.name}
+            except NoIntactCheckpoint as exc:
+                if not self.dist.distributed:
+                    raise
+                choice = {"error": str(exc)}
+        choice = D.all_gather_json(choice, self._collective_device())[0]
+        if "error" in choice:
+            raise NoIntactCheckpoint(choice["error"])
+        return None if choice["name"] is None else self.run_dir / CHECKPOINTS / choice["name"]
+
     def _resume(self) -> int:
-        path = latest_checkpoint(self.run_dir)
+        path = self._resume_path()
         if path is None:
             if self.dist.is_main:
                 self.console.print(
@@ -628,11 +696,15 @@ class Trainer:
                 f"from step {ckpt.step} on"
             )
         self.best = state.get("best")
-        self._wall_before = float(state.get("wall_seconds", 0.0))
+        self._wall_before = float(state.get("wall_seconds") or 0.0)
+        self._last_checkpoint = path
         return ckpt.step
 
     # -- evaluation -------------------------------------------------------------------------
     def _run_evaluation(self, step: int, log: MetricsLog | None) -> None:
+        # An evaluation waits for the device anyway; a diverged model is neither evaluated
+        # nor exported as the best.
+        self._check_finite(step)
         D.broadcast_buffers(self.model)  # every rank evaluates the same model
         self.model.eval()
         try:
@@ -658,9 +730,13 @@ class Trainer:
         if self.best_metric not in metrics:
             raise KeyError(f"evaluate() returned {sorted(metrics)}, not {self.best_metric!r}")
         value = float(metrics[self.best_metric])
-        previous = None if self.best is None else self.best["value"]
-        better = previous is None or (
-            value > previous if self.best_mode == "max" else value < previous
+        # A best value read back from a checkpoint may be null (it was NaN): anything beats it;
+        # a NaN value beats nothing.
+        previous = None if self.best is None else self.best.get("value")
+        if not _is_number(previous) or not math.isfinite(previous):
+            previous = None
+        better = math.isfinite(value) and (
+            previous is None or (value > previous if self.best_mode == "max" else value < previous)
         )
         if better:
             self.best = {"metric": self.best_metric, "value": value, "step": step, **metrics}
@@ -680,6 +756,11 @@ class Trainer:
         run = self.recipe.run
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._session_start = time.perf_counter()
+        if self.dist.is_main:
+            # What a run killed mid-write left (a half checkpoint, its trash, a half
+            # metrics.jsonl rewrite); those of a live process are kept.
+            for directory in (self.run_dir, self.run_dir / CHECKPOINTS):
+                remove_stale_temporaries(directory)
         start = self._resume() if resume else 0
         if start == 0:
             seed_everything(run.seed + self.dist.rank)
@@ -770,7 +851,7 @@ class Trainer:
                     ):
                         self._run_evaluation(step, log)
                     if step % run.checkpoint_every == 0 or step == end:
-                        saved_at = self._save(step)
+                        saved_at = self._save(step, window.get("loss"))
                     if step >= end or self._stop_requested(stop):
                         break
                     fetch_start = time.perf_counter()
@@ -893,6 +974,47 @@ class Trainer:
         self.optimizer.step()
         return logged
 
+    def _check_finite(
+        self, step: int, loss: float | torch.Tensor | None = None, optimizer: bool = False
+    ) -> None:
+        """Raise :class:`TrainingDiverged` when the loss, the weights or (``optimizer``) the
+        optimiser state are not finite, on every rank alike.
+
+        Called only where the trainer waits for the device anyway (a logged step, an
+        evaluation, a checkpoint), never every step: one pass over the weights and one
+        synchronisation (two under DDP, to agree on the answer).
+        """
+        problem = None
+        if loss is not None:
+            value = float(loss)
+            if not math.isfinite(value):
+                problem = f"the loss is {value}"
+        if problem is None:
+            bad = first_nonfinite(self.model.state_dict().items())
+            if bad is not None:
+                problem = f"the weights are not finite ({bad})"
+        if problem is None and optimizer:
+            bad = first_nonfinite(optimizer_tensors(self.optimizer))
+            if bad is not None:
+                problem = f"the optimiser state is not finite ({bad})"
+        if self.dist.distributed:
+            flag = torch.tensor([float(problem is not None)], device=self._collective_device())
+            if D.all_reduce_sum(flag).item() > 0 and problem is None:
+                problem = "the loss or the weights of another process are not finite"
+        if problem is None:
+            return
+        optim = self.recipe.optim
+        clip = (
+            f"a smaller optim.grad_clip (now {optim.grad_clip})"
+            if optim.grad_clip is not None
+            else "optim.grad_clip (e.g. 1.0)"
+        )
+        hint = (
+            f"start a new run with a lower optim.lr (now {optim.lr:g}) or {clip}; resuming "
+            "this one would repeat the same steps"
+        )
+        raise TrainingDiverged(self.run_dir, step, problem, self._last_checkpoint, hint)
+
     def _log(
         self,
         log: MetricsLog | None,
@@ -907,11 +1029,7 @@ class Trainer:
         values = torch.stack([window[k] for k in keys]).to(self._collective_device())
         values = D.all_reduce_sum(values) / (steps * self.dist.world_size)
         record = dict(zip(keys, values.tolist(), strict=True))
-        if not math.isfinite(record["loss"]):
-            raise FloatingPointError(
-                f"the loss became {record['loss']} by step {step}; the last checkpoint is in "
-                f"{self.run_dir / 'checkpoints'} (try a lower optim.lr or optim.grad_clip)"
-            )
+        self._check_finite(step, record["loss"])  # .tolist() has waited for the device
         elapsed = max(time.perf_counter() - started, 1e-9)
         record = {
             "kind": "train",
