@@ -148,13 +148,22 @@ DAMAGES = {
     "truncated model": ("model.safetensors", truncate, "truncated or corrupt"),
     "zero-byte model": ("model.safetensors", lambda f: f.write_bytes(b""), "empty (0 bytes)"),
     "empty state.json": ("state.json", lambda f: f.write_text(""), "empty"),
-    "corrupt state.json": ("state.json", lambda f: f.write_text('{"step": 12, "ep'),
-                           "not valid JSON"),  # fmt: skip
-    "state.json without its keys": ("state.json", lambda f: f.write_text('{"step": 12}'),
-                                    "has no 'epoch'"),  # fmt: skip
+    "corrupt state.json": (
+        "state.json",
+        lambda f: f.write_text('{"step": 12, "ep'),
+        "not valid JSON",
+    ),  # fmt: skip
+    "state.json without its keys": (
+        "state.json",
+        lambda f: f.write_text('{"step": 12}'),
+        "has no 'epoch'",
+    ),  # fmt: skip
     "truncated optimizer": ("optimizer.safetensors", truncate, "truncated or corrupt"),
-    "corrupt optimizer.json": ("optimizer.json", lambda f: f.write_text("[1, 2]"),
-                               "not an object"),  # fmt: skip
+    "corrupt optimizer.json": (
+        "optimizer.json",
+        lambda f: f.write_text("[1, 2]"),
+        "not an object",
+    ),  # fmt: skip
     "corrupt rng": ("rng.safetensors", lambda f: f.write_bytes(b"\xff" * 64), "truncated"),
     "missing recipe": ("recipe.yaml", lambda f: f.unlink(), "missing"),
     "corrupt recipe": ("recipe.yaml", lambda f: f.write_text("run: [unclosed"), "not valid YAML"),

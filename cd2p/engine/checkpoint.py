@@ -438,10 +438,10 @@ def latest_checkpoint(
         return path
     if not candidates and not (pointer.exists() or pointer.is_symlink()):
         return None  # only temporaries of an interrupted first save: nothing to resume
-    listed = ", ".join(damaged) if damaged else "none"
+    listed = ", ".join(damaged[:4]) + (f" and {len(damaged) - 4} more" if len(damaged) > 4 else "")
     raise NoIntactCheckpoint(
-        f"{run_dir} has no intact checkpoint to resume from (damaged: {listed}; see the "
-        f"warnings above): restore one into {root} or start a new run"
+        f"{run_dir} has no intact checkpoint to resume from (damaged: {listed or 'none'}; see "
+        f"the warnings above): restore one into {root} or start a new run"
     )
 
 
