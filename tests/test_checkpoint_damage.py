@@ -229,7 +229,8 @@ def test_latest_naming_a_link_out_of_the_run_and_a_missing_latest(cut: Path, tmp
     (root / "latest").write_text("step-00000099\n")
     messages: list[str] = []
     assert latest_checkpoint(cut, warn=messages.append) == root / "step-00000012"
-    assert "a link out of" in messages[0]
+    assert "a link out of" in messages[0] and "falling back to" in messages[1]
+    assert len(messages) == 2  # the link is no candidate either
     (root / "latest").unlink()  # a run killed between renaming a checkpoint and `latest`
     messages.clear()
     assert latest_checkpoint(cut, warn=messages.append) == root / "step-00000012"
@@ -306,6 +307,16 @@ def test_save_checkpoint_refuses_non_finite_state_and_keeps_the_others(tmp_path:
         "step-00000002",
     ]
     verify_checkpoint(tmp_path / "checkpoints" / "step-00000002")
+    # Rotation counts the history up to the step written, not a later checkpoint left by a
+    # run that resumed from an earlier one.
+    opt.state.clear()
+    save_checkpoint(tmp_path, step=5, epoch=0, **kw)
+    save_checkpoint(tmp_path, step=3, epoch=0, keep=2, **kw)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == [
+        "step-00000002",
+        "step-00000003",
+        "step-00000005",
+    ]
 
 
 def test_checkpoint_json_never_holds_nan_and_a_null_best_resumes(

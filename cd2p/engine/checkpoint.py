@@ -279,13 +279,14 @@ def save_checkpoint(
 
 
 def _step_dirs(root: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of the ``step-NNNNNNNN`` directories in ``root``, newest first."""
+    """``(step, path)`` of the ``step-NNNNNNNN`` directories in ``root``, newest first (not
+    links: a checkpoint of this run lies in the run)."""
     if not root.is_dir():
         return []
     found = []
     for entry in root.iterdir():
         match = _STEP_NAME.fullmatch(entry.name)
-        if match is not None and entry.is_dir():
+        if match is not None and entry.is_dir() and not entry.is_symlink():
             found.append((int(match[1]), entry))
     return sorted(found, key=lambda item: item[0], reverse=True)
 
