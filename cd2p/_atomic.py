@@ -8,6 +8,7 @@ leaves half an output under its final name: a reader sees the old version or the
 - :func:`atomic_output`: a writer that needs a file *name* (safetensors ``save_file``,
   matplotlib ``savefig``, ``h5py``...).
 - :func:`atomic_directory`: a whole directory (a Hub model, a checkpoint, a data set).
+- :func:`remove_stale_temporaries`: what a killed writer left behind, cleared on the next start.
 
 Temporaries are hidden siblings of the target, ``.<name>.<pid>-<random>.tmp[suffix]``: the same
 directory means the same file system, where ``os.replace`` is an atomic rename. Unlike
@@ -17,6 +18,11 @@ everything in them is given those modes again before the rename (writers such as
 ``save_file`` create 0600 files), so the result has the permissions a plain ``open()`` /
 ``mkdir()`` would give. There is no ``fsync``: the guarantee is against a killed process, not a
 power cut.
+
+A process killed mid-write leaves its temporary behind (and :func:`atomic_directory` a
+``….tmp.old`` trash directory). The pid in the name says whose it is, so
+:func:`remove_stale_temporaries` can delete those of dead processes without touching what a
+live one is still writing.
 """
 
 from __future__ import annotations
@@ -24,12 +30,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+# ``.<name>.<pid>-<8 hex>.tmp<suffix>``, as :func:`_fresh_sibling` names them.
+_TEMPORARY = re.compile(r"\.(?P<target>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.tmp(?P<suffix>.*)")
+# Names of the temporaries this process is writing right now: they carry our pid but are not
+# stale (a cleanup from another thread must leave them alone).
+_IN_FLIGHT: set[str] = set()
 
 
 def _create_file(path: Path) -> None:
@@ -80,6 +93,7 @@ def _fresh_sibling(path: Path, suffix: str, create: Callable[[Path], None]) -> P
             create(tmp)
         except FileExistsError:
             continue
+        _IN_FLIGHT.add(tmp.name)
         return tmp
     raise FileExistsError(f"could not create a temporary name next to {path}")
 
@@ -102,6 +116,7 @@ def atomic_output(path: str | Path, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # still there only when the block failed
+        _IN_FLIGHT.discard(tmp.name)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -164,9 +179,53 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
                 raise
         finally:
             shutil.rmtree(trash)
+            _IN_FLIGHT.discard(trash.name)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+        _IN_FLIGHT.discard(tmp.name)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (unknown counts as alive: keep its files)."""
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) would terminate it on Windows
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process, or a pid this system cannot hold
+    return True
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporaries that interrupted atomic writes left in ``directory`` (not in its
+    subdirectories) and return them.
+
+    A temporary is stale when the process named by the pid in its name no longer runs, or is
+    this process but the write is no longer in flight (an earlier write that raised and could
+    not clean up). Those of other live processes are kept: they may still be writing. Only
+    names of the form :func:`atomic_output` / :func:`atomic_directory` create are touched.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for entry in directory.iterdir():
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or entry.name in _IN_FLIGHT:
+            continue
+        pid = int(match["pid"])
+        if pid != os.getpid() and _process_alive(pid):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        if not (entry.exists() or entry.is_symlink()):
+            removed.append(entry)
+    return removed
 
 
 __all__ = [
@@ -176,4 +235,5 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "finite_json",
+    "remove_stale_temporaries",
 ]
