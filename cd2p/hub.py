@@ -578,7 +578,7 @@ def push(
         # One line for the CLI: what is wrong, that the card says it, and the way past it.
         raise PushRefused(
             f"refusing to push {repo_id}: {'; '.join(concerns)}. Its card says so; pass "
-            "--force (force=True) to push it anyway"
+            "--force to push it anyway"
         )
     result = PushResult(
         repo_id=repo_id,
