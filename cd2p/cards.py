@@ -301,8 +301,9 @@ def describe_origin(origin: Mapping[str, Any] | None, model_kind: str) -> dict[s
         warnings.append(
             f"**RANDOM teacher, not CLIP.** {subject} distilled from a seeded random teacher "
             f"({teacher.get('description') or 'RANDOM teacher'}), which exists to test the "
-            "pipeline offline: its features carry no knowledge of CLIP or ClipCap. It is not a "
-            "pre-trained model."
+            "pipeline offline: its features carry no knowledge of CLIP or ClipCap. "
+            + ("It is not a pre-trained model." if pretraining else
+               "Its results say nothing about what distillation brings.")
         )
     data = origin.get("data") or {}
     if data.get("synthetic"):
