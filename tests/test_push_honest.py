@@ -47,17 +47,17 @@ def pretrain_run(root: Path, *, random_teacher: bool, synthetic: bool, finished:
     raw = root / "scannet"
     raw.mkdir(parents=True)
     if synthetic:
-        (raw / "cd2p_synthetic.json").write_text(json.dumps({"generator": "cd2p synthetic scannet"}))
+        marker = {"generator": "cd2p synthetic scannet"}
+        (raw / "cd2p_synthetic.json").write_text(json.dumps(marker))
     pairs = root / "pairs"
     (pairs / "scenes").mkdir(parents=True)
     (pairs / "prepare_config.json").write_text(json.dumps({"format_version": 1, "seed": 0}))
     (pairs / "prepare_report.json").write_text(json.dumps({"root": str(raw), "out": str(pairs)}))
     run = root / "run"
     run.mkdir()
+    weights = Path.home() / "w" / "clip.pt"  # a local file in the recipe: never published
     recipe = load_recipe("demo", ["model.dim=32", "model.depth=2", "model.num_heads=2",
-                                  "schedule.max_steps=6",
-                                  # A local file in the recipe: it must not be published.
-                                  f"pretrain.clip_weights={Path.home() / 'w' / 'clip.pt'}"])  # fmt: skip
+                                  "schedule.max_steps=6", f"pretrain.clip_weights={weights}"])
     save_recipe(recipe, run / "recipe.yaml")
     teacher = RANDOM if random_teacher else REAL
     fingerprint = {"sha256": "ab" * 32, "files": 3, "bytes": 100, "path": str(pairs),
@@ -232,8 +232,8 @@ def test_from_scratch_fine_tune_does_not_claim_distillation(tmp_path, shapes):
     finetune(shapes, tmp_path / "ft")
     card, _ = dry_run(tmp_path / "ft", tmp_path / "dry", "--force")
     head = intro(card)
-    assert "started from random weights (trained from scratch: no pre-training, no distillation)" in (
-        head)
+    scratch = "started from random weights (trained from scratch: no pre-training, no distillation)"
+    assert scratch in head
     assert "pre-trained by distilling" not in card.text and "distilled from" not in card.text
     assert "knowledge-distillation" not in card.data.tags
     origin = card.data.cd2p_origin
@@ -311,7 +311,8 @@ def test_a_local_path_left_in_the_model_files_stops_the_push(tmp_path):
 
 def test_public_paths_keep_urls_ids_and_ratios():
     public = PublicPaths(data=["/srv/d/mn40"], run="/srv/runs/r1")
-    assert public.text("/srv/d/mn40/train.npz, /srv/d/mn40b") == "<data>/mn40/train.npz, <local>/mn40b"
+    text = public.text("/srv/d/mn40/train.npz, /srv/d/mn40b")
+    assert text == "<data>/mn40/train.npz, <local>/mn40b"
     assert public.text("/srv/runs/r1/model") == "<run>/model"
     for kept in ("https://huggingface.co/org/x", "org/name", "ViT-B/32", "samples/s", "a / b",
                  "</details>"):  # fmt: skip
