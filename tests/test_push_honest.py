@@ -263,6 +263,30 @@ def test_fine_tune_from_a_random_teacher_backbone_names_it(tmp_path, shapes):
     assert "its backbone was distilled from a seeded RANDOM teacher" in output
 
 
+def test_fine_tune_from_a_converted_point_mae_checkpoint_says_so(tmp_path, shapes):
+    from safetensors.torch import save_model
+
+    from cd2p.hub import CONVERTED_FROM_KEY
+
+    # As `cd2p convert point-mae` writes it: the converter's record inside the weights.
+    converted = tmp_path / "point-mae"
+    backbone = Cd2pBackbone(**SMALL)
+    backbone.save_pretrained(converted)
+    record = {"file": "pretrain.pth", "layout": "point-mae", "kept": 10, "dropped": []}
+    save_model(backbone, str(converted / "model.safetensors"),
+               metadata={"format": "pt", CONVERTED_FROM_KEY: json.dumps(record)})  # fmt: skip
+    finetune(shapes, tmp_path / "ft", init=converted)
+    card, _ = dry_run(tmp_path / "ft", tmp_path / "dry")
+    init = card.data.cd2p_origin["init"]
+    assert (init["kind"], init["source"]) == ("converted", "point-mae")
+    assert init["file"] == "pretrain.pth"
+    assert "converted with `cd2p convert point-mae` (no distillation)" in intro(card)
+    assert "knowledge-distillation" not in card.data.tags
+    # The converted model pushed alone: a conversion, not a cd2p training run.
+    card, output = dry_run(converted, tmp_path / "dry-converted")
+    assert card.data.cd2p_origin["made_by"] == "conversion" and "needs --force" not in output
+
+
 # -- nothing local -----------------------------------------------------------------------------
 
 
