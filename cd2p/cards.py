@@ -267,7 +267,7 @@ def describe_origin(origin: Mapping[str, Any] | None, model_kind: str) -> dict[s
     elif tkind == "none":
         learnt = "pre-trained by masked point reconstruction alone (objective `mae`: no teacher)"
     else:
-        learnt = "trained by cd2p; how (its teacher and data) is not recorded with this checkpoint"
+        learnt = "whose training (its teacher and data) is not recorded with this checkpoint"
 
     source = f" (`{init['source']}`)" if init.get("source") else ""
     if ikind == "scratch":

@@ -486,7 +486,8 @@ def stage(path: str | Path, repo_id: str) -> Staged:
                 zeroshot.append(zeroshot_entry(public.value(report)))
     recorded = _existing_card_data(model_dir)
     origin = model_origin(model_dir, run_dir, kind, converted_from=recorded.get("converted_from"),
-                          recorded=recorded.pop("origin", None))  # fmt: skip
+                          recorded={"origin": recorded.pop("origin", None),
+                                    "base_model": recorded.get("base_model")})  # fmt: skip
     run = _run_summary(run_dir, origin, public)
     if zeroshot:  # the run's zero-shot results replace those the card recorded
         recorded["zeroshot"] = zeroshot

@@ -193,7 +193,7 @@ def _card_origin(readme: Path) -> dict[str, Any] | None:
     return dict(found) if isinstance(found, dict) else None
 
 
-def init_origin(init: str | None) -> dict[str, Any]:
+def init_origin(init: str | None, base_model: str | None = None) -> dict[str, Any]:
     """How a fine-tuning run's backbone started: ``{"kind", "source", ...}``.
 
     ``kind``: ``scratch`` (no ``--init``), ``pre-trained`` (a cd2p pre-training run or
@@ -201,6 +201,10 @@ def init_origin(init: str | None) -> dict[str, Any]:
     (a Point-MAE / Point-BERT checkpoint: ``layout``, ``file``), ``hub`` (a Hub id; its facts
     when its card is in the local Hugging Face cache) or ``unknown`` (a local path that is
     gone). ``source`` is public: a run's or directory's name, or the Hub id.
+
+    ``base_model``: the Hub id the model's own card names. An ``init`` that is no local
+    directory (any more) is taken for a Hub id only when it is that one: a relative path
+    such as ``runs/pre`` looks like ``org/name`` once the push runs from another directory.
     """
     if not init:
         return {"kind": "scratch", "source": None}
@@ -238,7 +242,7 @@ def init_origin(init: str | None) -> dict[str, Any]:
             return {"kind": "pre-trained", "source": source, **_inherited(recorded)}
         return {"kind": "pre-trained", "source": source, "teacher": {"kind": "unknown"}}
     text = str(init)
-    if not path.exists() and text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    if not path.exists() and text == base_model:
         found: dict[str, Any] = {"kind": "hub", "source": text}
         try:  # the card of a Hub backbone used before is in the local cache: no network
             from huggingface_hub import try_to_load_from_cache
@@ -350,8 +354,8 @@ def model_origin(
     model's that of its backbone), ``data`` (:func:`data_origin` of the run's own data),
     ``init`` (``kind`` in :data:`INIT_KINDS`, ``source``, and the backbone's ``objective``,
     ``teacher``, ``data`` when recorded), ``finished`` (``True``/``False``/``None``) and
-    ``training`` (``step``, ``total_steps``, ``why``). ``recorded``: the origin the model's
-    own card holds, used when no run records are beside it.
+    ``training`` (``step``, ``total_steps``, ``why``). ``recorded``: what the model's own
+    card holds (``origin``, used when no run records are beside it; ``base_model``).
     """
     if converted_from:
         return {
@@ -363,8 +367,8 @@ def model_origin(
             "finished": None,
         }  # fmt: skip
     if run_dir is None:
-        if recorded:
-            return dict(recorded)
+        if (recorded or {}).get("origin"):
+            return dict(recorded["origin"])
         return {"made_by": "unknown", "teacher": {"kind": "unknown"}, "data": None,
                 "init": {"kind": "unknown", "source": None}, "finished": None}  # fmt: skip
     info = _read_json(run_dir / "run.json")
@@ -386,7 +390,8 @@ def model_origin(
             "init": {"kind": "random", "source": None},
         }
     else:
-        init = init_origin(info.get("init")) if info else {"kind": "unknown", "source": None}
+        init = (init_origin(info.get("init"), (recorded or {}).get("base_model")) if info
+                else {"kind": "unknown", "source": None})  # fmt: skip
         if init["kind"] == "scratch":
             teacher = {"kind": "none", "description": "none: trained from scratch"}
         else:

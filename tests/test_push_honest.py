@@ -287,6 +287,19 @@ def test_fine_tune_from_a_converted_point_mae_checkpoint_says_so(tmp_path, shape
     assert card.data.cd2p_origin["made_by"] == "conversion" and "needs --force" not in output
 
 
+def test_an_init_is_a_hub_model_only_when_the_card_names_it(tmp_path, monkeypatch):
+    from cd2p.origin import init_origin
+
+    monkeypatch.chdir(tmp_path)  # "runs/pre" was relative to where the run was started
+    assert init_origin("runs/pre")["kind"] == "unknown"
+    assert init_origin("org/cd2p-backbone", "org/cd2p-backbone")["kind"] == "hub"
+    assert init_origin(None) == {"kind": "scratch", "source": None}
+    pre = pretrain_run(tmp_path / "runs", random_teacher=True, synthetic=False)
+    found = init_origin("runs/run")  # the same relative path, from the right directory
+    assert found["kind"] == "pre-trained" and found["teacher"]["kind"] == "random"
+    assert pre.is_dir()
+
+
 # -- nothing local -----------------------------------------------------------------------------
 
 
