@@ -343,7 +343,8 @@ def describe_origin(origin: Mapping[str, Any] | None, model_kind: str) -> dict[s
             if tkind == "random":
                 value = f"**RANDOM, not CLIP**: {value}"
         rows.append((label, value))
-        rows.append(("training data", _data_text(origin.get("data"))))
+        if "data" in origin:  # a local card's facts say nothing of it: no row
+            rows.append(("training data", _data_text(origin.get("data"))))
         if pretraining:
             start = "random weights (pre-training starts from scratch)"
         elif ikind == "scratch":
@@ -362,15 +363,15 @@ def describe_origin(origin: Mapping[str, Any] | None, model_kind: str) -> dict[s
         if init_data:
             start += f" on {_data_text(init_data)}"
         rows.append(("initialisation", start))
-        finished = origin.get("finished")
+        finished = origin.get("finished", "absent")  # absent: a local card's facts
         steps = training.get("step")
         total = training.get("total_steps")
-        if finished:
+        if finished is True:
             rows.append(("training finished", f"yes ({steps} of {total} steps)"
                          if steps is not None and total else "yes"))  # fmt: skip
         elif finished is False:
             rows.append(("training finished", f"**no**: {training.get('why')}"))
-        else:
+        elif finished is None:
             rows.append(("training finished", "not recorded"))
     return {
         "pretraining": learnt,
