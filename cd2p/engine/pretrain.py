@@ -437,8 +437,12 @@ def run_pretrain(
     fingerprint = None
     if dist.is_main:
         # The pairs and their stored targets, hashed once (a resumed run must read the same).
+        # Their source says whether they are synthetic (`cd2p synthetic scannet`), so that
+        # the run's cards can say so after the raw scans are gone.
+        from cd2p.origin import pairs_source
+
         fingerprint = {**data_fingerprint(data), "path": ", ".join(str(p) for p in data),
-                       "source": "pairs"}  # fmt: skip
+                       "source": pairs_source(data)}  # fmt: skip
         check_same_data((saved or {}).get("data_fingerprint"), fingerprint, out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(
