@@ -40,6 +40,7 @@ from safetensors import safe_open
 from torch import nn
 
 from cd2p._atomic import atomic_directory
+from cd2p._reading import reading
 from cd2p.models.hub import CONFIG_NAME, WEIGHTS_NAME, check_local_path
 from cd2p.provenance import PublicPaths
 
@@ -431,7 +432,9 @@ def _existing_card_data(model_dir: Path) -> dict[str, Any]:
                 out["dataset"] = {"name": first.dataset_name, "id": first.dataset_type}
                 if first.dataset_split:
                     out["dataset"]["split"] = first.dataset_split
-    with safe_open(str(model_dir / WEIGHTS_NAME), framework="pt") as f:
+    weights = model_dir / WEIGHTS_NAME
+    with reading(weights, "save or download the model again"), \
+            safe_open(str(weights), framework="pt") as f:
         converted = (f.metadata() or {}).get(CONVERTED_FROM_KEY)
     if converted:
         out["converted_from"] = json.loads(converted)

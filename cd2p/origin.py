@@ -165,7 +165,7 @@ def _recipe_objective(recipe: Mapping[str, Any]) -> str | None:
 
 def _converted(model_dir: Path) -> dict[str, Any] | None:
     """The converter's record in a model's weights (``cd2p convert point-mae``)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from cd2p.hub import CONVERTED_FROM_KEY
 
@@ -176,7 +176,7 @@ def _converted(model_dir: Path) -> dict[str, Any] | None:
         with safe_open(str(weights), framework="pt") as f:
             raw = (f.metadata() or {}).get(CONVERTED_FROM_KEY)
         return json.loads(raw) if raw else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, SafetensorError):  # damaged weights: the push reports them
         return None
 
 

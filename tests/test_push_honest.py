@@ -337,11 +337,17 @@ def test_no_uploaded_file_holds_a_local_path(tmp_path, shapes, monkeypatch):
 
 
 def test_a_local_path_left_in_the_model_files_stops_the_push(tmp_path):
+    # config.json holds only the constructor's arguments (anything else is refused on
+    # loading), so the place left for a stray path is the weights file's header.
+    from safetensors.torch import save_model
+
     model = tmp_path / "model"
-    Cd2pBackbone(**SMALL).save_pretrained(model)
-    config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "note": str(model / "x")}))
-    with pytest.raises(ValueError, match=r"config.json \("):
+    backbone = Cd2pBackbone(**SMALL)
+    backbone.save_pretrained(model)
+    save_model(backbone, str(model / "model.safetensors"),
+               metadata={"format": "pt", "cd2p_model_kind": "backbone",
+                         "note": str(model / "x")})  # fmt: skip
+    with pytest.raises(ValueError, match=r"model.safetensors \("):
         push(model, "org/m", dry_run_dir=tmp_path / "dry")
     assert not (tmp_path / "dry").exists()
 

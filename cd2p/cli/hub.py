@@ -16,6 +16,7 @@ import click
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from rich.table import Table
 
+from cd2p._text import styled
 from cd2p.cli._common import EXISTING_DIR, OUTPUT_DIR, Cd2pError, console, user_errors
 
 # Exception classes of the HTTP stacks that huggingface_hub has used (httpx2 / httpx / httpcore
@@ -176,12 +177,11 @@ def push(
         table.add_row(name, _size(result.sizes[name]))
     console.print(table)
     if dry_run is not None:
-        console.print(f"dry run: nothing uploaded; the files are in [bold]{dry_run}[/]")
+        console.print(styled("dry run: nothing uploaded; the files are in [bold]{path}[/]",
+                             path=dry_run))
         if result.concerns and not force:
-            console.print(
-                f"[bold yellow]warning:[/] a real push needs --force: {'; '.join(result.concerns)}",
-                soft_wrap=True,
-            )
+            console.print(styled("[bold yellow]warning:[/] a real push needs --force: {why}",
+                                 why="; ".join(result.concerns)), soft_wrap=True)
     elif result.pr_url:
         console.print(f"pull request: {result.pr_url}")
     else:
