@@ -357,18 +357,19 @@ class Recipe:
     detection: DetectionConfig = field(default_factory=DetectionConfig)
 
     def check(self, where: str = "recipe") -> None:
-        """Rules between sections: what the task reads must fit the backbone."""
+        """Rules between sections: what the task's section reads must fit the backbone."""
         section = task_section(self.task)
-        if section == "finetune" and self.finetune.feature_blocks is not None:
-            deepest = max(self.finetune.feature_blocks)
-            if deepest > self.model.depth:
-                raise RecipeError(
-                    f"{where}.finetune.feature_blocks reads block {deepest}, but "
-                    f"{where}.model.depth is {self.model.depth}"
-                )
-        if section == "detection" and self.detection.num_queries > self.model.num_groups:
+        cfg = getattr(self, section)
+        blocks = getattr(cfg, "feature_blocks", None)
+        if blocks and max(blocks) > self.model.depth:
             raise RecipeError(
-                f"{where}.detection.num_queries ({self.detection.num_queries}) cannot exceed "
+                f"{where}.{section}.feature_blocks reads block {max(blocks)}, but "
+                f"{where}.model.depth is {self.model.depth}"
+            )
+        queries = getattr(cfg, "num_queries", None)
+        if queries is not None and queries > self.model.num_groups:
+            raise RecipeError(
+                f"{where}.{section}.num_queries ({queries}) cannot exceed "
                 f"{where}.model.num_groups ({self.model.num_groups}): queries are chosen among "
                 "the encoder's patch centers"
             )
