@@ -13,11 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cd2p._atomic import atomic_directory
-from cd2p.ops import farthest_point_sample
 
 META_FILE = "meta.json"
 # Written by the synthetic generators next to the files: the cache's source becomes
@@ -144,6 +142,12 @@ def fps_order(
 ) -> list[np.ndarray]:
     """Farthest-point-sample every ``(N_i, 3)`` cloud to ``min(num_points, N_i)`` points, in FPS
     order. Clouds of equal size are batched together, ``batch_size`` at a time."""
+    # Imported here: the ScanNet preparers' worker processes use this module's finiteness
+    # check and need not pay for importing torch.
+    import torch
+
+    from cd2p.ops import farthest_point_sample
+
     out: list[np.ndarray | None] = [None] * len(clouds)
     by_size: dict[int, list[int]] = {}
     for i, cloud in enumerate(clouds):
