@@ -58,7 +58,6 @@ import numpy as np
 from cd2p.data import scene_jobs
 from cd2p.data.common import find_non_finite, require_finite
 from cd2p.data.scannet_files import axis_alignment, read_scene_meta
-from cd2p.data.scene_jobs import shard_scenes
 
 FORMAT_VERSION = 1
 SKIP_REASONS = ("invalid_pose", "too_few_valid_depth", "damaged_pose", "undecodable_color",
@@ -660,7 +659,7 @@ def prepare_scannet(
                                min_valid_points=min_valid_points, seed=seed)
     scene_jobs.check_workers(workers)
     root, out = Path(root), Path(out)
-    scenes = shard_scenes(list_scenes(root, split, scenes_file), shard)
+    scenes = scene_jobs.select_scenes(root, split, scenes_file, shard, scene_file="{scene}.sens")
     task = functools.partial(prepare_scene, root, scenes_dir=out / "scenes", settings=settings)
 
     def summarise(stats: list[dict[str, Any]], seconds: float, interrupted: bool
