@@ -61,11 +61,14 @@ def scannet(root: Path, out: Path, frame_skip: int, num_points: int, split: str,
 
     Every --frame-skip-th frame becomes one pair: the colour JPEG as stored in the .sens, and
     the depth back-projected to a gravity-aligned, centred cloud of --points points. Frames
-    with an invalid pose or too little depth are skipped and counted.
+    with a lost-tracking pose or too little depth are skipped and counted; damaged frames (a
+    NaN or absurd pose, a colour payload that is not a whole JPEG, points that come out
+    non-finite) are skipped, counted and listed with their .sens file and frame index.
 
     \b
     OUT/scenes/<scene_id>/   one Hugging Face dataset per scene (datasets.load_from_disk)
-    OUT/prepare_report.json  scenes, frames read, pairs, skips by reason, errors, speed
+    OUT/prepare_report.json  scenes, frames read, pairs, skips by reason, damaged frames,
+                             errors, speed
 
     Re-running the same command resumes: finished scenes are kept, half-written ones redone.
     Scenes with missing or corrupt files are skipped, listed in the report, and make the
@@ -82,6 +85,7 @@ def scannet(root: Path, out: Path, frame_skip: int, num_points: int, split: str,
         seed=seed, progress=True,
     )
     console.print(summary_table(report))
+    print_damaged_frames(report["damaged_frames"])
     console.print(f"report: {out / report_name(shard_index)}")
     if report["errors"]:
         for error in report["errors"]:
@@ -90,6 +94,16 @@ def scannet(root: Path, out: Path, frame_skip: int, num_points: int, split: str,
             f"{len(report['errors'])} scene(s) failed (listed above and in the report); "
             "the other scenes are complete, fix the files and re-run to add them"
         )
+
+
+def print_damaged_frames(frames: list[dict[str, Any]], limit: int = 20) -> None:
+    """One line per damaged frame (the first ``limit``; the report lists them all)."""
+    for frame in frames[:limit]:
+        console.print(f"[yellow]skipped[/] {frame['file']} frame {frame['frame']}: "
+                      f"{frame['reason'].replace('_', ' ')}: {frame['detail']}", soft_wrap=True)
+    if len(frames) > limit:
+        console.print(f"[yellow]skipped[/] ... and {len(frames) - limit} more damaged frames "
+                      "(listed under damaged_frames in the report)")
 
 
 def summary_table(report: dict[str, Any]) -> Table:

@@ -101,7 +101,9 @@ def teacher(
     """Compute the frozen teacher's targets for every pair under PAIRS (one or more outputs of
     `cd2p prepare scannet`) and store them as PAIRS/targets/<target>/<scene_id>.safetensors.
 
-    Resumable: scenes whose targets are complete are skipped.
+    Resumable: scenes whose targets are complete are skipped. Targets remember the images
+    they were computed from (images_sha256): a scene prepared again with other frames is
+    recomputed, and so, once, are targets written before cd2p stored that digest.
     """
     from cd2p.data.teacher_targets import (
         parse_targets,
@@ -148,6 +150,15 @@ def teacher(
         f"[bold]scenes[/]   {len(plan.to_compute)} to compute ({plan.images} images), "
         f"{len(plan.done)} already done"
     )
+    if plan.outdated:
+        reasons: dict[str, int] = {}
+        for why in plan.outdated.values():
+            reasons[why] = reasons.get(why, 0) + 1
+        for why, count in sorted(reasons.items()):
+            console.print(f"[yellow]recomputed[/] {count} scene(s) whose targets were {why}"
+                          if why.startswith("computed") else
+                          f"[yellow]recomputed[/] {count} scene(s) whose targets have {why}",
+                          soft_wrap=True)
 
     progress = Progress(
         TextColumn("[bold]teacher"),
