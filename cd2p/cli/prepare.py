@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from cd2p.cli._common import (
@@ -99,8 +100,9 @@ def scannet(root: Path, out: Path, frame_skip: int, num_points: int, split: str,
 def print_damaged_frames(frames: list[dict[str, Any]], limit: int = 20) -> None:
     """One line per damaged frame (the first ``limit``; the report lists them all)."""
     for frame in frames[:limit]:
-        console.print(f"[yellow]skipped[/] {frame['file']} frame {frame['frame']}: "
-                      f"{frame['reason'].replace('_', ' ')}: {frame['detail']}", soft_wrap=True)
+        console.print(f"[yellow]skipped[/] {escape(frame['file'])} frame {frame['frame']}: "
+                      f"{frame['reason'].replace('_', ' ')}: {escape(frame['detail'])}",
+                      soft_wrap=True)
     if len(frames) > limit:
         console.print(f"[yellow]skipped[/] ... and {len(frames) - limit} more damaged frames "
                       "(listed under damaged_frames in the report)")

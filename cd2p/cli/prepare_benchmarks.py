@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from cd2p.cli._common import EXISTING_DIR, OUTPUT_DIR, console, user_errors
 
@@ -20,8 +21,8 @@ def _summary(out: Path, limit: int = 20) -> None:
     names = meta.get("class_names") or meta.get("category_names")
     skipped = meta.get("skipped", [])
     for shape in skipped[:limit]:
-        console.print(f"[yellow]skipped[/] {shape['file']} ({shape['split']} {shape['id']}): "
-                      f"{shape['reason']}", soft_wrap=True)
+        console.print(f"[yellow]skipped[/] {escape(shape['file'])} ({shape['split']} "
+                      f"{escape(shape['id'])}): {escape(shape['reason'])}", soft_wrap=True)
     if len(skipped) > limit:
         console.print(f"[yellow]skipped[/] ... and {len(skipped) - limit} more")
     left_out = f", [yellow]{len(skipped)} skipped[/] (listed in meta.json)" if skipped else ""
