@@ -254,7 +254,10 @@ def fresh_tmp_dir(scenes_dir: Path, scene_id: str) -> Path:
     scenes_dir = Path(scenes_dir)
     for stale in scenes_dir.glob(glob.escape(f"{TMP_PREFIX}{scene_id}") + "*"):
         owner = _tmp_owner(stale.name, scene_id)
-        if owner is None or (owner is not False and not _process_alive(owner)):
+        # This process's own is stale too: it prepares one scene at a time, so that one is
+        # from an earlier call that stopped half-way.
+        if owner is None or (owner is not False and (owner == os.getpid()
+                                                      or not _process_alive(owner))):
             shutil.rmtree(stale, ignore_errors=True)
     return scenes_dir / f"{TMP_PREFIX}{scene_id}.{os.getpid()}-{secrets.token_hex(4)}"
 
