@@ -35,10 +35,17 @@ from cd2p.data.classification import load_classification_cache
 from cd2p.data.common import EmptySplitError, NonFiniteError, read_shape_txt, require_finite
 from cd2p.data.modelnet40 import prepare_modelnet40, write_modelnet40
 from cd2p.data.pairs import PairDataset
-from cd2p.data.scannet_files import write_scene_meta
+from cd2p.data.scannet_files import read_mesh_ply, scene_files, write_mesh_ply, write_scene_meta
 from cd2p.data.scannet_pairs import images_digest, pose_problem, prepare_scannet
+from cd2p.data.scannet_scenes import (
+    DEFAULT_LABEL_TABLE,
+    load_scene,
+    load_scene_split,
+    prepare_scannet_scenes,
+)
 from cd2p.data.scanobjectnn import prepare_scanobjectnn, variant_file, write_scanobjectnn_h5
 from cd2p.data.shapenetpart import load_partseg_cache, prepare_shapenetpart, write_shapenetpart
+from cd2p.data.synthetic import generate_synthetic_scannet
 from cd2p.data.teacher_targets import plan_teacher_targets, prepare_teacher_targets
 from cd2p.models.teacher import Teacher
 
@@ -291,6 +298,26 @@ def test_empty_roots_and_lists_are_one_error_line(tmp_path: Path) -> None:
                     **{**SMALL, "min_valid_points": 10**6})
     with pytest.raises(EmptySplitError, match=r"pairs: no pairs in its 1 scene"):
         PairDataset(tmp_path / "pairs")
+
+
+def test_scannet_scenes_refuses_a_mesh_with_a_nan_vertex(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    generate_synthetic_scannet(root, num_scenes=2, frames_per_scene=1, seed=3)
+    mesh_path = scene_files(root / "scans", "scene0001_00")["mesh"]
+    mesh = read_mesh_ply(mesh_path)
+    vertices = mesh.vertices.copy()
+    vertices[3, 1] = np.nan
+    write_mesh_ply(mesh_path, vertices, mesh.colors, mesh.faces)
+    report = prepare_scannet_scenes(root, tmp_path / "out", labels=root / DEFAULT_LABEL_TABLE,
+                                    progress=False)
+    (error,) = report["errors"]
+    assert error["scene"] == "scene0001_00" and error["file"] == str(mesh_path)
+    # the rotation of axisAlignment spreads the one NaN over the vertex's three coordinates
+    assert "vertices after axisAlignment: 3 of" in error["error"]
+    assert "values are not finite (nan)" in error["error"]
+    (scene,) = load_scene_split(tmp_path / "out", "all").scene_ids
+    tensors = load_scene(tmp_path / "out", scene)
+    assert all(torch.isfinite(tensors[k]).all() for k in ("coord", "box_center", "box_size"))
 
 
 # --------------------------------------------------------------------------- object benchmarks
