@@ -118,20 +118,19 @@ def list_scenes(root: str | Path, split: str, scenes_file: str | Path | None, *,
         names = read_scene_list(find_split_file(root, split))
     else:
         raise ValueError(f"split must be train, val or all, got {split!r}")
-    example = scene_file.format(scene="<scene>")
+    example = "scans/<scene>/" + scene_file.format(scene="<scene>")
     if not names:
         if scenes_file is not None:
             raise EmptySplitError(f"scene list {scenes_file} names no scene")
         if split == "all":
-            raise EmptySplitError(f"{root}: no scene to prepare (no scans/{example}; "
-                                  "--split all)")
+            raise EmptySplitError(f"{root}: no scene to prepare (no {example}; --split all)")
         raise EmptySplitError(f"split list {find_split_file(root, split)} names no scene")
     # A root without any of the listed scenes' files is a wrong ROOT (or a download that did
     # not happen): one clear error, not one failed scene per listed name.
     if not any((scans / name / scene_file.format(scene=name)).is_file() for name in names):
         source = f"--scenes {scenes_file}" if scenes_file is not None else f"--split {split}"
         raise EmptySplitError(f"{root}: none of the {len(set(names))} scene(s) of {source} "
-                              f"has a scans/{example}")
+                              f"has a {example}")
     return sorted(set(names))
 
 
