@@ -142,7 +142,10 @@ def _dataset_info(dataset: Any, recipe: dict[str, Any] | None) -> dict[str, str]
             text = _norm(f"{hint} {Path(str(path)).name} {recipe.get('description', '')}")
             for slug, (name, hub_id) in KNOWN_DATASETS.items():
                 if slug in text.replace("_", ""):
-                    info = {"name": name, "id": hub_id}
+                    # "synthetic ScanNet pairs" are not ScanNet: named, never a Hub dataset.
+                    synthetic = "synthetic" in text
+                    info = ({"name": f"synthetic-{slug}", "id": f"synthetic-{slug}"}
+                            if synthetic else {"name": name, "id": hub_id})  # fmt: skip
                     break
             else:
                 if hint or path:
@@ -153,6 +156,246 @@ def _dataset_info(dataset: Any, recipe: dict[str, Any] | None) -> dict[str, str]
         slug = _norm(info["name"]).replace("_", "")
         info["id"] = KNOWN_DATASETS.get(slug, (info["name"], _norm(info["name"])))[1]
     return info
+
+
+def hub_dataset_id(info: Mapping[str, Any] | None) -> str | None:
+    """The Hub dataset id of a dataset record (``{"name", "id"}``), only when the data really
+    is one of the benchmarks: never for synthetic data, a user's own data or an unknown name."""
+    if not info:
+        return None
+    text = _norm(f"{info.get('name', '')} {info.get('id') or ''}")
+    if "synthetic" in text:
+        return None
+    slug = _norm(str(info.get("id") or info.get("name") or "")).replace("_", "")
+    return next((hub for key, (_, hub) in KNOWN_DATASETS.items() if slug.startswith(key)), None)
+
+
+# -- how the model was made (cd2p.origin records it; the card says it) ------------------------
+
+_TEACHER_PHRASES = {
+    "clip+clipcap": "a frozen CLIP ViT-B/32 + ClipCap teacher",
+    "clip": "a frozen CLIP ViT-B/32 teacher",
+    "random": "a seeded **RANDOM teacher** (CLIP ViT-B/32 + ClipCap's architecture with random "
+    "weights, **not CLIP**)",
+    "unknown": "its teacher (not recorded with this checkpoint; see the training section)",
+}
+
+
+def origin_from_facts(
+    model_kind: str,
+    training: Mapping[str, Any] | None,
+    base_model: str | None = None,
+) -> dict[str, Any] | None:
+    """What a locally exported card knows of how its model was made, from the training facts
+    the engine gives it (``teacher``, ``random teacher``, ``objective``, ``initialised
+    from``). A push computes the whole origin from the run's records instead
+    (:func:`cd2p.origin.model_origin`)."""
+    training = dict(training or {})
+    if not training:
+        return None
+    if model_kind in PRETRAINED_KINDS or model_kind == STUDENT_KIND:
+        objective = training.get("objective")
+        description = str(training.get("teacher") or "")
+        if str(training.get("random teacher", "")).startswith("yes"):
+            teacher = {"kind": "random", "description": description}
+        elif objective == "mae" or description.startswith("none"):
+            teacher = {"kind": "none", "description": description or "none"}
+        elif description:
+            kind = "clip" if objective == "distill-clip" else "clip+clipcap"
+            teacher = {"kind": kind, "description": description}
+        else:
+            teacher = {"kind": "unknown"}
+        return {"made_by": "pre-training", "objective": objective, "teacher": teacher,
+                "init": {"kind": "random", "source": None}}  # fmt: skip
+    init = str(training.get("initialised from") or "")
+    if init.startswith("scratch"):
+        return {"made_by": "fine-tuning", "teacher": {"kind": "none"},
+                "init": {"kind": "scratch", "source": None}}  # fmt: skip
+    if base_model:
+        return {"made_by": "fine-tuning", "teacher": {"kind": "unknown"},
+                "init": {"kind": "hub", "source": base_model}}  # fmt: skip
+    if init:
+        return {"made_by": "fine-tuning", "teacher": {"kind": "unknown"},
+                "init": {"kind": "pre-trained", "source": Path(init).name}}  # fmt: skip
+    return None
+
+
+def _data_text(data: Mapping[str, Any] | None) -> str:
+    if not data:
+        return "not recorded"
+    name = f"`{data.get('name')}`"
+    if data.get("synthetic"):
+        return f"{name}: **synthetic** (written by `cd2p synthetic`), not a real dataset"
+    if data.get("synthetic") is None:
+        return f"{name} (whether it is synthetic is not recorded)"
+    hub = data.get("hub_id")
+    return f"{name}" + (f" (the {hub} benchmark)" if hub else "")
+
+
+def describe_origin(origin: Mapping[str, Any] | None, model_kind: str) -> dict[str, Any]:
+    """The card's words for an origin (:func:`cd2p.origin.model_origin`):
+
+    - ``pretraining``: how a backbone's weights were learnt (the backbone card's intro);
+    - ``teacher_phrase``: who the student imitated (the student card's intro);
+    - ``backbone``: how a task model's backbone started (the task cards' intros);
+    - ``warnings``: the prominent notes (RANDOM teacher, synthetic data, unfinished run);
+    - ``rows``: ``(label, value)`` of the "how this model was made" table.
+    """
+    origin = dict(origin or {})
+    teacher = dict(origin.get("teacher") or {"kind": "unknown"})
+    tkind = teacher.get("kind", "unknown")
+    init = dict(origin.get("init") or {"kind": "unknown"})
+    ikind = init.get("kind", "unknown")
+    pretraining = origin.get("made_by") == "pre-training" or (
+        not origin and model_kind in (*PRETRAINED_KINDS, STUDENT_KIND)
+    )
+
+    if tkind in ("clip+clipcap", "clip"):
+        learnt = (
+            "pre-trained by distilling 2D image knowledge into 3D point clouds: "
+            f"{_TEACHER_PHRASES[tkind]} turns the RGB frame paired with each point cloud into "
+            + ("a semantic prefix `(10, 768)`" if tkind == "clip+clipcap" else "an embedding")
+            + ", and the student learns to reproduce it through learnable concept queries that "
+            "read every transformer block"
+        )
+    elif tkind == "random":
+        learnt = (
+            f"pre-trained by distillation from {_TEACHER_PHRASES['random']}: it learnt to "
+            "reproduce random features of the RGB frames, a test of the pipeline that carries "
+            "no image knowledge"
+        )
+    elif tkind == "none":
+        learnt = "pre-trained by masked point reconstruction alone (objective `mae`: no teacher)"
+    else:
+        learnt = "whose training (its teacher and data) is not recorded with this checkpoint"
+
+    source = f" (`{init['source']}`)" if init.get("source") else ""
+    if ikind == "scratch":
+        backbone = ("started from random weights (trained from scratch: no pre-training, no "
+                    "distillation)")  # fmt: skip
+    elif ikind == "converted":
+        backbone = (f"initialised from a {init.get('layout') or 'Point-MAE'} checkpoint "
+                    "converted with `cd2p convert point-mae` (no distillation)")  # fmt: skip
+    elif tkind in ("clip+clipcap", "clip"):
+        backbone = ("pre-trained by distilling CLIP"
+                    + (" + ClipCap" if tkind == "clip+clipcap" else "")
+                    + f" knowledge from RGB images into point clouds{source}")  # fmt: skip
+    elif tkind == "random":
+        backbone = (f"initialised from a backbone{source} distilled from a seeded **RANDOM "
+                    "teacher** (not CLIP: a pipeline test, no image knowledge)")  # fmt: skip
+    elif tkind == "none" and ikind in ("pre-trained", "hub"):
+        backbone = (f"initialised from a backbone{source} pre-trained by masked point "
+                    "reconstruction (`mae`: no teacher)")  # fmt: skip
+    elif ikind == "hub":
+        backbone = (f"initialised from the Hub backbone `{init.get('source')}` (its card says "
+                    "how it was pre-trained)")  # fmt: skip
+    elif ikind in ("pre-trained", "unknown") and init.get("source"):
+        backbone = (f"initialised from the backbone `{init['source']}`, whose pre-training is "
+                    "not recorded with this checkpoint")  # fmt: skip
+    else:
+        backbone = "whose initialisation is not recorded with this checkpoint"
+
+    warnings = []
+    subject = "This model was" if pretraining else "Its backbone was"
+    if tkind == "random":
+        warnings.append(
+            f"**RANDOM teacher, not CLIP.** {subject} distilled from a seeded random teacher "
+            f"({teacher.get('description') or 'RANDOM teacher'}), which exists to test the "
+            "pipeline offline: its features carry no knowledge of CLIP or ClipCap. "
+            + ("It is not a pre-trained model." if pretraining else
+               "Its results say nothing about what distillation brings.")
+        )
+    data = origin.get("data") or {}
+    if data.get("synthetic"):
+        warnings.append(
+            f"**Synthetic data.** It was trained on `{data.get('name')}`, written by cd2p's "
+            "synthetic generator, not on a real dataset: a demonstration, not a benchmark "
+            "result."
+        )
+    init_data = init.get("data") or {}
+    if init_data.get("synthetic"):
+        warnings.append(
+            f"**Backbone pre-trained on synthetic data** (`{init_data.get('name')}`), not on "
+            "real scans."
+        )
+    training = origin.get("training") or {}
+    if origin.get("finished") is False:
+        warnings.append(
+            "**Unfinished training.** The run stopped before its schedule ended "
+            f"({training.get('why') or 'see the training section'}): these are intermediate "
+            "weights."
+        )
+
+    rows: list[tuple[str, str]] = []
+    if origin and origin.get("made_by") not in (None, "unknown", "conversion"):
+        made = str(origin["made_by"])
+        if origin.get("objective"):
+            made += f" (objective `{origin['objective']}`)"
+        rows.append(("made by", made))
+        label = "teacher" if pretraining else "teacher (of the backbone)"
+        if tkind == "none":
+            value = "none" + (": trained from scratch" if ikind == "scratch" else
+                              ": no distillation")  # fmt: skip
+        elif tkind == "unknown":
+            value = "not recorded"
+        else:
+            value = str(teacher.get("description") or tkind)
+            if tkind == "random":
+                value = f"**RANDOM, not CLIP**: {value}"
+        rows.append((label, value))
+        if "data" in origin:  # a local card's facts say nothing of it: no row
+            rows.append(("training data", _data_text(origin.get("data"))))
+        if pretraining:
+            start = "random weights (pre-training starts from scratch)"
+        elif ikind == "scratch":
+            start = "random weights: trained from scratch, no pre-trained backbone"
+        elif ikind == "converted":
+            start = f"converted {init.get('layout') or 'Point-MAE'} checkpoint"
+        elif ikind == "hub":
+            start = f"the Hub backbone [`{init.get('source')}`](https://huggingface.co/" \
+                    f"{init.get('source')})"
+        elif ikind == "pre-trained":
+            start = f"the cd2p backbone `{init.get('source')}`"
+            if init.get("objective"):
+                start += f", pre-trained with objective `{init['objective']}`"
+        else:
+            start = f"not recorded{source}"
+        if init_data:
+            start += f" on {_data_text(init_data)}"
+        rows.append(("initialisation", start))
+        finished = origin.get("finished", "absent")  # absent: a local card's facts
+        steps = training.get("step")
+        total = training.get("total_steps")
+        if finished is True:
+            rows.append(("training finished", f"yes ({steps} of {total} steps)"
+                         if steps is not None and total else "yes"))  # fmt: skip
+        elif finished is False:
+            rows.append(("training finished", f"**no**: {training.get('why')}"))
+        elif finished is None:
+            rows.append(("training finished", "not recorded"))
+    return {
+        "pretraining": learnt,
+        "teacher_phrase": _TEACHER_PHRASES.get(tkind, _TEACHER_PHRASES["unknown"])
+        if tkind != "none" else "no teacher",
+        "backbone": backbone,
+        "warnings": warnings,
+        "rows": rows,
+    }
+
+
+def origin_markdown(made: Mapping[str, Any]) -> tuple[str, str]:
+    """``(warnings, table)``: the block under the card's title and the "how this model was
+    made" table that opens its training section."""
+    warnings = "".join(f"> {w}\n>\n" for w in made.get("warnings") or [])
+    if warnings:
+        warnings = warnings[: -len(">\n")] + "\n"
+    rows = made.get("rows") or []
+    table = ""
+    if rows:
+        table = "| how this model was made | |\n|---|---|\n" + "".join(
+            f"| {label} | {value} |\n" for label, value in rows
+        ) + "\n"
+    return warnings, table
 
 
 def _training_summary(recipe: dict[str, Any] | None) -> dict[str, Any]:
@@ -341,6 +584,7 @@ def card_context(
     runs: Mapping[str, Any] | None = None,
     converted_from: Mapping[str, Any] | None = None,
     zeroshot: Any = None,
+    origin: Mapping[str, Any] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """Everything a ``hubcards/`` template may use (see ``generate_model_card``).
@@ -352,6 +596,12 @@ def card_context(
     :func:`zeroshot_entry`), and the markdown sections ``provenance_md`` (from
     ``provenance``, :mod:`cd2p.provenance`), ``runs_md`` (the multi-seed / few-shot summary
     ``runs``) and ``converted_md`` (``converted_from``, a converter's record).
+
+    ``origin`` (:func:`cd2p.origin.model_origin`: teacher, data, initialisation, completion;
+    derived from ``training`` when not given, see :func:`origin_from_facts`) gives ``made``
+    (:func:`describe_origin`: the intros' words) and the markdown ``origin_warnings_md`` (under
+    the title: RANDOM teacher, synthetic data, unfinished run) and ``origin_md`` (the "how this
+    model was made" table).
     """
     recipe_dict = _recipe_dict(recipe)
     metrics = dict(metrics or {})
@@ -361,6 +611,10 @@ def card_context(
         # A Hub id, not a local directory: only those can be linked as the base model.
         if isinstance(init, str) and _HUB_ID.match(init) and not Path(init).exists():
             base_model = init
+    if origin is None and not converted_from:
+        origin = origin_from_facts(model_kind, training, base_model)
+    made = describe_origin(origin, model_kind)
+    origin_warnings_md, origin_md = origin_markdown(made)
     summary = _training_summary(recipe_dict)
     summary.update(training or {})
     normed = {_norm(k): v for k, v in metrics.items() if _is_number(v)}
@@ -395,6 +649,10 @@ def card_context(
         "converted_from": dict(converted_from) if converted_from else None,
         "converted_md": converted_markdown(converted_from),
         "zeroshot": [dict(entry) for entry in zeroshot or []],
+        "origin": dict(origin) if origin else None,
+        "made": made,
+        "origin_warnings_md": origin_warnings_md,
+        "origin_md": origin_md,
         **extra,
     }
 
@@ -427,16 +685,39 @@ def card_metadata(context: Mapping[str, Any], base: ModelCardData) -> ModelCardD
     """The YAML header: the class defaults (library, license, tags) plus this model's datasets,
     ``base_model`` and evaluation results (``model-index``)."""
     data = ModelCardData(**base.to_dict())
-    data.tags = list(dict.fromkeys([*(data.tags or []), *kind_tags(context["model_kind"])]))
+    origin = context.get("origin") or {}
+    tags = [*(data.tags or []), *kind_tags(context["model_kind"])]
+    teacher = (origin.get("teacher") or {}).get("kind")
+    init = (origin.get("init") or {}).get("kind")
+    if teacher == "none" or (teacher == "unknown" and init in ("scratch", "converted")):
+        # No distillation made these weights (from scratch, mae, a conversion): no such tag.
+        tags = [t for t in tags if t != "knowledge-distillation"]
+    if teacher == "random":
+        tags.append("random-teacher")
+    if (origin.get("data") or {}).get("synthetic") or (
+        (origin.get("init") or {}).get("data") or {}
+    ).get("synthetic"):
+        tags.append("synthetic-data")
+    data.tags = list(dict.fromkeys(tags))
     dataset = context.get("dataset")
-    if dataset:
-        data.datasets = [dataset["id"]]
+    # `datasets` names the Hub datasets the model was trained on, and only real ones: the
+    # run's recorded data when known; else a task model's (fine-tuning) data.
+    if isinstance(origin.get("data"), Mapping):
+        hub_ids = [origin["data"]["hub_id"]] if origin["data"].get("hub_id") else []
+    elif context["model_kind"] not in (*PRETRAINED_KINDS, STUDENT_KIND):
+        hub_ids = [i for i in [hub_dataset_id(dataset)] if i]
+    else:
+        hub_ids = []
+    if hub_ids:
+        data.datasets = hub_ids
     if context.get("base_model"):
         data.base_model = context["base_model"]
     repo_id = context.get("repo_id") or "path/to/model"
     data.model_name = repo_id.split("/")[-1] if repo_id != "path/to/model" else (
         f"cd2p-{context['model_kind']}"
     )
+    if origin:
+        data.cd2p_origin = dict(origin)
     if context.get("provenance"):
         data.cd2p_provenance = context["provenance"]
     if context.get("runs"):
@@ -458,8 +739,9 @@ def card_metadata(context: Mapping[str, Any], base: ModelCardData) -> ModelCardD
     ]
     if results:
         data.eval_results = results
-        if not dataset:
-            data.datasets = list(dict.fromkeys(e["dataset"]["id"] for e in context["zeroshot"]))
+        if not dataset and not hub_ids:
+            zeroshot = [hub_dataset_id(e["dataset"]) for e in context["zeroshot"]]
+            data.datasets = list(dict.fromkeys(i for i in zeroshot if i)) or None
     if numeric:
         task = context["task"]
         data.eval_results = results + [
@@ -484,8 +766,12 @@ __all__ = [
     "PaperResult",
     "card_context",
     "card_metadata",
+    "describe_origin",
+    "hub_dataset_id",
     "hub_task",
     "kind_tags",
+    "origin_from_facts",
+    "origin_markdown",
     "paper_results",
     "zeroshot_entry",
 ]

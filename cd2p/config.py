@@ -11,8 +11,10 @@ type (``1e-3`` is a float, ``null`` is None).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -36,21 +38,88 @@ class RecipeError(ValueError):
     """A recipe that cannot be used as written (unknown key, wrong type, bad value)."""
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The range a number (or each number of a tuple) must lie in; ``None`` is always allowed
+    where the field's type admits it. ``low`` / ``high`` are inclusive, ``above`` / ``below``
+    exclusive."""
+
+    low: float | None = None
+    above: float | None = None
+    below: float | None = None
+    high: float | None = None
+
+    def problem(self, value: float) -> str | None:
+        """What is wrong with ``value`` (``"must be >= 1"``), or ``None`` when it fits."""
+        if self.low is not None and value < self.low:
+            return f"must be >= {_number(self.low)}"
+        if self.above is not None and value <= self.above:
+            return f"must be > {_number(self.above)}"
+        if self.below is not None and value >= self.below:
+            return f"must be < {_number(self.below)}"
+        if self.high is not None and value > self.high:
+            return f"must be <= {_number(self.high)}"
+        return None
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _check_range(low: float, high: float, low_name: str, high_name: str) -> None:
+    if low > high:
+        raise RecipeError(f"{low_name} ({low}) must not exceed {high_name} ({high})")
+
+
+def bounded(
+    default: Any,
+    *,
+    low: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    high: float | None = None,
+) -> Any:
+    """A dataclass field whose value (or every item of its tuple) is checked against
+    :class:`Bounds` whenever a recipe is read or overridden."""
+    return field(default=default, metadata={"bounds": Bounds(low, above, below, high)})
+
+
+def _check_bounds(cls: type, name: str, value: Any, where: str) -> None:
+    """Raise :class:`RecipeError` when field ``name`` of ``cls`` is outside its bounds."""
+    spec = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    bounds = spec.metadata.get("bounds") if spec is not None else None
+    if bounds is None or value is None:
+        return
+    items = value if isinstance(value, tuple | list) else (value,)
+    for item in items:
+        problem = bounds.problem(item)
+        if problem:
+            got = f"{value!r}" if items is value else repr(item)
+            raise RecipeError(f"{where} {problem}, got {got}")
+
+
 @dataclass
 class ModelConfig:
     """The student backbone (docs/method.md#backbone)."""
 
-    dim: int = 384
-    depth: int = 12
-    num_heads: int = 6
-    num_groups: int = 64
-    group_size: int = 32
-    mlp_ratio: float = 4.0
-    drop_path_rate: float = 0.1
+    dim: int = bounded(384, low=1)
+    depth: int = bounded(12, low=1)
+    num_heads: int = bounded(6, low=1)
+    num_groups: int = bounded(64, low=1)
+    group_size: int = bounded(32, low=1)
+    mlp_ratio: float = bounded(4.0, above=0)
+    drop_path_rate: float = bounded(0.1, low=0, below=1)
 
     def backbone_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`cd2p.Cd2pBackbone`."""
         return dataclasses.asdict(self)
+
+    def check(self, where: str = "model") -> None:
+        """Attention splits ``dim`` evenly over the heads."""
+        if self.dim % self.num_heads:
+            raise RecipeError(
+                f"{where}.num_heads ({self.num_heads}) must divide {where}.dim ({self.dim})"
+            )
 
 
 @dataclass
@@ -58,16 +127,20 @@ class DataConfig:
     """Where the data is and how batches are made."""
 
     path: str | None = None
-    num_points: int = 4096
-    batch_size: int = 128
-    num_workers: int = 4
+    num_points: int = bounded(4096, low=1)
+    batch_size: int = bounded(128, low=1)
+    num_workers: int = bounded(4, low=0)
     # Pre-training: read every pair into memory once instead of from the memory-mapped files
     # (100 k pairs of 4096 points take 4.9 GB as float32).
     in_memory: bool = False
     # Point-MAE's PointcloudScaleAndTranslate: per-axis scale in [low, high], shift in +-translate.
-    scale_low: float = 2.0 / 3.0
-    scale_high: float = 1.5
-    translate: float = 0.2
+    scale_low: float = bounded(2.0 / 3.0, above=0)
+    scale_high: float = bounded(1.5, above=0)
+    translate: float = bounded(0.2, low=0)
+
+    def check(self, where: str = "data") -> None:
+        """The scale range is not empty."""
+        _check_range(self.scale_low, self.scale_high, f"{where}.scale_low", f"{where}.scale_high")
 
 
 @dataclass
@@ -75,43 +148,43 @@ class OptimConfig:
     """Optimizer settings."""
 
     name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float | None = 10.0
+    lr: float = bounded(1e-3, above=0)
+    weight_decay: float = bounded(0.05, low=0)
+    betas: tuple[float, float] = bounded((0.9, 0.999), low=0, below=1)
+    grad_clip: float | None = bounded(10.0, above=0)
     # Gradient accumulation: every optimiser step sums the gradients of this many micro-batches
     # of data.batch_size / (processes x accumulate_steps) samples, so data.batch_size stays the
     # batch of one update (the same update as one large batch; BatchNorm statistics excepted).
-    accumulate_steps: int = 1
+    accumulate_steps: int = bounded(1, low=1)
 
 
 @dataclass
 class ScheduleConfig:
     """Per-step linear warm-up then cosine decay; lengths in epochs unless ``max_steps``."""
 
-    epochs: int = 250
-    warmup_epochs: int = 10
-    min_lr: float = 1e-6
-    max_steps: int | None = None
+    epochs: int = bounded(250, low=1)
+    warmup_epochs: int = bounded(10, low=0)
+    min_lr: float = bounded(1e-6, low=0)
+    max_steps: int | None = bounded(None, low=1)
 
 
 @dataclass
 class RunConfig:
     """How a run executes and what it records."""
 
-    seed: int = 0
+    seed: int = bounded(0, low=0)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # torch.compile the network (not the step around it) in place; the mode is torch's:
     # "reduce-overhead" captures CUDA graphs, "max-autotune" also tunes the kernels.
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
-    log_every: int = 10
-    checkpoint_every: int = 500
+    log_every: int = bounded(10, low=1)
+    checkpoint_every: int = bounded(500, low=1)
     # Keep only the newest N checkpoints in RUN/checkpoints (null: keep all).
-    keep_checkpoints: int | None = 2
+    keep_checkpoints: int | None = bounded(2, low=1)
     # Run the task's evaluation every N epochs (and at the end); unused by pre-training.
-    eval_every: int = 1
+    eval_every: int = bounded(1, low=1)
     # Experiment trackers fed with every logged metric, on rank 0 (optional extras):
     # "tensorboard" (RUN/tensorboard/) and "wandb" (Weights & Biases; WANDB_MODE=offline
     # works without a network, RUN/wandb/).
@@ -125,11 +198,11 @@ class PretrainConfig:
     """The pre-training objective (docs/method.md#objectives)."""
 
     objective: Objective = "distill"
-    num_concepts: int = 32
+    num_concepts: int = bounded(32, low=1)
     # distill+clip: weight of the CLIP-embedding loss (1 - cosine) added to the prefix MSE.
-    clip_weight: float = 1.0
-    mask_ratio: float = 0.6
-    decoder_depth: int = 4
+    clip_weight: float = bounded(1.0, low=0)
+    mask_ratio: float = bounded(0.6, low=0, below=1)
+    decoder_depth: int = bounded(4, low=1)
     # "stored": read targets written by `cd2p prepare teacher`; "on-the-fly": run the teacher.
     targets: Literal["stored", "on-the-fly"] = "stored"
     clip_weights: str | None = None
@@ -149,33 +222,33 @@ class FinetuneConfig:
     # Splits of the prepared dataset to train on and to select the best model on.
     train_split: str = "train"
     val_split: str = "test"
-    label_smoothing: float = 0.0
+    label_smoothing: float = bounded(0.0, low=0, below=1)
     # Classification head (Point-MAE): hidden widths and dropout.
-    head_channels: tuple[int, ...] = (256, 256)
-    head_dropout: float = 0.5
+    head_channels: tuple[int, ...] = bounded((256, 256), low=1)
+    head_dropout: float = bounded(0.5, low=0, below=1)
     # Part segmentation: 1-based blocks read (null: depth/3-spaced, 4, 8, 12 for depth 12),
     # per-point MLP after interpolation, head widths, category-embedding width.
-    feature_blocks: tuple[int, ...] | None = None
-    propagation_channels: tuple[int, ...] = (1536, 1024)
-    seg_head_channels: tuple[int, ...] = (512, 256)
-    label_channels: int = 64
+    feature_blocks: tuple[int, ...] | None = bounded(None, low=1)
+    propagation_channels: tuple[int, ...] = bounded((1536, 1024), low=1)
+    seg_head_channels: tuple[int, ...] = bounded((512, 256), low=1)
+    label_channels: int = bounded(64, low=1)
     # Each training view draws data.num_points from the first resample_ratio x num_points
     # FPS points (Point-MAE: 1200 -> 1024).
-    resample_ratio: float = 1.2
+    resample_ratio: float = bounded(1.2, low=1)
     # Views averaged by the final evaluation with voting (re-sampled, scaled, translated).
-    votes: int = 10
-    eval_batch_size: int = 32
+    votes: int = bounded(10, low=1)
+    eval_batch_size: int = bounded(32, low=1)
     # Frozen backbone + linear classifier on max/mean-pooled tokens instead of fine-tuning.
     linear_probe: bool = False
     # Few-shot classification: train on K shapes per class of train_split, drawn with run.seed
     # (null: the whole split). Works with fine-tuning and with linear_probe.
-    few_shot: int | None = None
+    few_shot: int | None = bounded(None, low=1)
     # Point-BERT's N-way K-shot protocol: with few_shot_way N, an episode of N classes drawn
     # with run.seed (fold few_shot_fold): few_shot (K) training shapes of each, and the model is
     # selected and evaluated on few_shot_queries shapes of each from val_split.
-    few_shot_way: int | None = None
-    few_shot_fold: int = 0
-    few_shot_queries: int = 20
+    few_shot_way: int | None = bounded(None, low=2)
+    few_shot_fold: int = bounded(0, low=0)
+    few_shot_queries: int = bounded(20, low=1)
 
 
 @dataclass
@@ -188,22 +261,26 @@ class SegmentationConfig:
 
     train_split: str = "train"
     val_split: str = "val"
-    label_smoothing: float = 0.0
+    label_smoothing: float = bounded(0.0, low=0, below=1)
     # Feed the vertex colours (RGB scaled to [-1, 1]) to the head beside the coordinates.
     use_color: bool = False
     # Widths of the two per-point 1-D convolution blocks before the classifier, and dropout.
-    head_channels: tuple[int, ...] = (256, 256)
-    head_dropout: float = 0.5
+    head_channels: tuple[int, ...] = bounded((256, 256), low=1)
+    head_dropout: float = bounded(0.5, low=0, below=1)
     # Augmentation of each training draw: rotation about z in [-rotate, rotate] radians,
     # isotropic scale in [scale_low, scale_high], mirror in x and in y with probability 0.5.
-    rotate: float = 3.141592653589793
-    scale_low: float = 0.8
-    scale_high: float = 1.2
+    rotate: float = bounded(3.141592653589793, low=0)
+    scale_low: float = bounded(0.8, above=0)
+    scale_high: float = bounded(1.2, above=0)
     flip: bool = True
     # Whole-scene evaluation: every vertex is scored this many times (rounds of disjoint
     # draws covering the scene); per-vertex class probabilities are summed.
-    votes: int = 3
-    eval_batch_size: int = 8
+    votes: int = bounded(3, low=1)
+    eval_batch_size: int = bounded(8, low=1)
+
+    def check(self, where: str = "segmentation") -> None:
+        """The scale range is not empty."""
+        _check_range(self.scale_low, self.scale_high, f"{where}.scale_low", f"{where}.scale_high")
 
 
 @dataclass
@@ -217,34 +294,42 @@ class DetectionConfig:
     val_split: str = "val"
     # The decoder: queries (FPS over the encoder centers), layers, width, heads, FFN, dropout;
     # dropout of the box heads.
-    num_queries: int = 256
-    decoder_depth: int = 8
-    decoder_dim: int = 256
-    decoder_heads: int = 4
-    decoder_ffn_dim: int = 256
-    decoder_dropout: float = 0.1
-    mlp_dropout: float = 0.3
+    num_queries: int = bounded(256, low=1)
+    decoder_depth: int = bounded(8, low=1)
+    decoder_dim: int = bounded(256, low=1)
+    decoder_heads: int = bounded(4, low=1)
+    decoder_ffn_dim: int = bounded(256, low=1)
+    decoder_dropout: float = bounded(0.1, low=0, below=1)
+    mlp_dropout: float = bounded(0.3, low=0, below=1)
     # Hungarian matching costs and loss weights ("no object" class weight in the class loss).
-    cost_class: float = 1.0
-    cost_giou: float = 2.0
-    cost_center: float = 0.0
-    cost_objectness: float = 0.0
-    weight_cls: float = 1.0
-    weight_giou: float = 1.0
-    weight_center: float = 5.0
-    weight_size: float = 1.0
-    no_object_weight: float = 0.25
+    cost_class: float = bounded(1.0, low=0)
+    cost_giou: float = bounded(2.0, low=0)
+    cost_center: float = bounded(0.0, low=0)
+    cost_objectness: float = bounded(0.0, low=0)
+    weight_cls: float = bounded(1.0, low=0)
+    weight_giou: float = bounded(1.0, low=0)
+    weight_center: float = bounded(5.0, low=0)
+    weight_size: float = bounded(1.0, low=0)
+    no_object_weight: float = bounded(0.25, low=0)
     # Augmentation of every training draw: a random cuboid crop keeping at least
     # crop_min_points vertices and the boxes whose centre stays inside, data.num_points of the
     # vertices, mirrors in x and y, rotation about z within +-rotate radians (boxes become the
     # axis-aligned hull of the rotated box).
     crop: bool = True
-    crop_min_points: int = 30_000
+    crop_min_points: int = bounded(30_000, low=1)
     flip: bool = True
-    rotate: float = 0.08726646259971647  # 5 degrees
+    rotate: float = bounded(0.08726646259971647, low=0)  # 5 degrees
     # Evaluation follows 3DETR's protocol exactly (3D NMS at 0.25 within a class, objectness
     # above 0.05, boxes holding fewer than 5 points dropped); only its batch size is a setting.
-    eval_batch_size: int = 8
+    eval_batch_size: int = bounded(8, low=1)
+
+    def check(self, where: str = "detection") -> None:
+        """Attention splits the decoder width evenly over its heads."""
+        if self.decoder_dim % self.decoder_heads:
+            raise RecipeError(
+                f"{where}.decoder_heads ({self.decoder_heads}) must divide "
+                f"{where}.decoder_dim ({self.decoder_dim})"
+            )
 
 
 # Sections that hold one kind of run's settings; the other sections are common to all runs.
@@ -270,6 +355,23 @@ class Recipe:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
+
+    def check(self, where: str = "recipe") -> None:
+        """Rules between sections: what the task reads must fit the backbone."""
+        section = task_section(self.task)
+        if section == "finetune" and self.finetune.feature_blocks is not None:
+            deepest = max(self.finetune.feature_blocks)
+            if deepest > self.model.depth:
+                raise RecipeError(
+                    f"{where}.finetune.feature_blocks reads block {deepest}, but "
+                    f"{where}.model.depth is {self.model.depth}"
+                )
+        if section == "detection" and self.detection.num_queries > self.model.num_groups:
+            raise RecipeError(
+                f"{where}.detection.num_queries ({self.detection.num_queries}) cannot exceed "
+                f"{where}.model.num_groups ({self.model.num_groups}): queries are chosen among "
+                "the encoder's patch centers"
+            )
 
     def __post_init__(self) -> None:
         valid = run_kinds()
@@ -361,14 +463,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return int(value)
         raise RecipeError(f"{where} must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise RecipeError(f"{where} must be a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise RecipeError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(number):
+            raise RecipeError(f"{where} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -376,6 +481,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return str(value)
         raise RecipeError(f"{where} must be a string, got {value!r}")
     raise RecipeError(f"{where}: unsupported field type {tp!r}")
+
+
+def coerce_value(value: Any, tp: Any, where: str) -> Any:
+    """``value`` converted to type ``tp`` (as recipe values are), or :class:`RecipeError`
+    naming ``where``; a type the recipes never use is accepted as it is."""
+    try:
+        return _coerce(value, tp, where)
+    except RecipeError as exc:
+        if "unsupported field type" in str(exc):
+            return value
+        raise
+
+
+def check_fields(cls: type, values: Mapping[str, Any], where: str) -> None:
+    """Check ``values`` against the types, bounds and rules of dataclass ``cls``'s fields
+    (e.g. a :class:`cd2p.Cd2pBackbone`'s arguments against :class:`ModelConfig`)."""
+    hints = _field_types(cls)
+    known = {k: v for k, v in values.items() if k in hints}
+    from_dict(cls, known, where)
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "recipe") -> T:
@@ -387,7 +511,12 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "recipe") -> T
         if key not in hints:
             raise RecipeError(f"unknown key {key!r} in {where}{_suggest(str(key), names)}")
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
-    return cls(**kwargs)
+        _check_bounds(cls, key, kwargs[key], f"{where}.{key}" if where else key)
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if callable(check):  # rules between fields of one section
+        check(where)
+    return obj
 
 
 def to_dict(obj: Any) -> Any:
@@ -397,6 +526,21 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, tuple | list):
         return [to_dict(v) for v in obj]
     return obj
+
+
+def _override_value(cls: type, name: str, raw: str, item: str, dotted: str) -> Any:
+    """The value of ``--set dotted=raw`` (YAML), type- and range-checked at once, so that the
+    error names the ``--set`` that caused it."""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise RecipeError(f"--set {item}: {raw!r} is not a YAML value") from None
+    try:
+        checked = _coerce(value, _field_types(cls)[name], dotted)
+        _check_bounds(cls, name, checked, dotted)
+    except RecipeError as exc:
+        raise RecipeError(f"--set {item}: {exc}") from None
+    return value
 
 
 def apply_overrides(recipe: Recipe, overrides: Iterable[str]) -> Recipe:
@@ -418,13 +562,17 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str]) -> Recipe:
                     f"unknown key {part!r} in {where} (from --set {item}){_suggest(part, hints)}"
                 )
             if depth == len(parts) - 1:
-                node[part] = yaml.safe_load(raw) if raw.strip() else ""
+                node[part] = _override_value(cls, part, raw, item, ".".join(parts))
                 touched.setdefault(parts[0], item)
             else:
                 if not dataclasses.is_dataclass(hints[part]):
                     raise RecipeError(f"{'.'.join(parts[: depth + 1])} is a value, not a section")
                 node, cls = node[part], hints[part]
-    recipe = from_dict(Recipe, data)
+    try:
+        recipe = from_dict(Recipe, data)
+    except RecipeError as exc:  # a rule between fields, broken by the overrides together
+        given = ", ".join(f"--set {item}" for item in overrides)
+        raise RecipeError(f"{exc} (after {given})") from None
     used = used_sections(recipe.task)
     for section, item in touched.items():
         if section in TASK_SECTIONS and section not in used:

@@ -26,6 +26,8 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from cd2p._text import plain_console, styled
+
 MARKER = ".cd2p-demo"
 
 
@@ -150,7 +152,7 @@ def run_demo(
     from cd2p.models.backbone import Cd2pBackbone
     from cd2p.models.teacher import Teacher
 
-    console = console or Console()
+    console = console or plain_console()
     size = QUICK if quick else FULL
     workdir = Path(workdir)
     _prepare_workdir(workdir)
@@ -163,7 +165,7 @@ def run_demo(
         seconds[stage] = now - clock
         clock = now
 
-    console.rule("[bold]cd2p demo")
+    console.rule(styled("[bold]cd2p demo"))
     console.print(f"1/5 synthetic ScanNet: {size.scenes} scenes x {size.frames_per_scene} frames")
     generate_synthetic_scannet(
         workdir / "scannet",
@@ -244,7 +246,7 @@ def run_demo(
     table.add_row("pairs", f"{pairs} (synthetic ScanNet, {size.scenes} scenes)")
     teacher_row = result.teacher
     if result.random_teacher:
-        teacher_row = f"[bold yellow]{teacher_row}[/]"
+        teacher_row = styled("[bold yellow]{teacher}[/]", teacher=teacher_row)
     table.add_row("teacher", teacher_row)
     table.add_row("student", f"{recipe.model.dim}-d x {recipe.model.depth} blocks, "
                   f"{recipe.model.num_groups} x {recipe.model.group_size} patches")  # fmt: skip
@@ -258,10 +260,10 @@ def run_demo(
         table.add_row("whole student", f"{result.student_dir} (cd2p caption, cd2p zeroshot)")
     table.add_row("curves", f"{png}")
     console.print(table)
-    console.print(
-        f'Use it: [bold]Cd2pBackbone.from_pretrained("{result.backbone_dir}")[/]; '
-        f"plot again with [bold]cd2p plot {run_dir}[/]"
-    )
+    console.print(styled(
+        'Use it: [bold]Cd2pBackbone.from_pretrained("{backbone}")[/]; '
+        "plot again with [bold]cd2p plot {run}[/]", backbone=result.backbone_dir, run=run_dir
+    ))
     return DemoResult(
         workdir=workdir,
         run_dir=run_dir,

@@ -7,6 +7,14 @@ model card re-rendered with the run's metrics and recipe, ``recipe.yaml``, the r
 (``metrics.jsonl``, ``metrics.json``, ``eval/metrics.json``) and plots (``*.png``). Checkpoints,
 optimizer states and data are never uploaded, and a file that contains an access token stops
 the push. Authentication is huggingface_hub's own (``hf auth login`` or ``HF_TOKEN``).
+
+What is published says how the model was made and nothing local: the card states its
+teacher, data, initialisation and whether its training finished (:mod:`cd2p.origin`, kept in
+the metadata as ``cd2p_origin``); every local absolute path in the card and the uploaded
+records becomes ``<data>/...``, ``<run>/...``, ``~/...`` or ``<local>/<name>``
+(:class:`cd2p.provenance.PublicPaths`), and a file that still holds one stops the push. A
+model distilled from a RANDOM teacher, trained on synthetic data or from an unfinished run is
+pushed only with ``force`` (``--force``).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from huggingface_hub import (
     CommitOperationAdd,
     HfApi,
@@ -31,7 +40,9 @@ from safetensors import safe_open
 from torch import nn
 
 from cd2p._atomic import atomic_directory
+from cd2p._reading import reading
 from cd2p.models.hub import CONFIG_NAME, WEIGHTS_NAME, check_local_path
+from cd2p.provenance import PublicPaths
 
 # Key of the safetensors metadata where `cd2p convert` records a model's origin.
 CONVERTED_FROM_KEY = "cd2p_converted_from"
@@ -142,6 +153,15 @@ class PushResult:
     pr_url: str | None = None
     sizes: dict[str, int] = field(default_factory=dict)
     card_metrics: dict[str, Any] = field(default_factory=dict)
+    #: How the model was made, as its card states it (:func:`cd2p.origin.model_origin`).
+    origin: dict[str, Any] = field(default_factory=dict)
+    #: What needs ``force`` (:func:`cd2p.origin.push_concerns`); a dry run lists them.
+    concerns: list[str] = field(default_factory=list)
+
+
+class PushRefused(ValueError):
+    """A model whose records say it should not be published as it is (a RANDOM teacher,
+    synthetic data, an unfinished run) and no ``force``."""
 
 
 def resolve_push_source(path: str | Path) -> tuple[Path, Path | None]:
@@ -189,13 +209,18 @@ def _read_json(path: Path) -> Any:
 _BOOKKEEPING = {"samples", "votes", "best_step", "step", "epoch", "l2", "seconds"}
 
 
-def _run_summary(run_dir: Path | None) -> dict[str, Any]:
-    """Card context from a run's records: metrics, recipe text, training facts, dataset."""
+def _run_summary(
+    run_dir: Path | None, origin: dict[str, Any], public: PublicPaths
+) -> dict[str, Any]:
+    """Card context from a run's records: metrics, recipe text, training facts, dataset.
+
+    Facts come from ``origin`` (teacher, initialisation) and the records; paths in them are
+    made public with ``public``."""
     if run_dir is None:
         return {}
     out: dict[str, Any] = {}
     if (run_dir / "recipe.yaml").is_file():
-        out["recipe"] = (run_dir / "recipe.yaml").read_text()
+        out["recipe"] = public.text((run_dir / "recipe.yaml").read_text())
     # The evaluation (``cd2p evaluate``) is preferred to the run's own final metrics.
     for name in ("eval/metrics.json", "metrics.json"):
         if (run_dir / name).is_file():
@@ -220,15 +245,25 @@ def _run_summary(run_dir: Path | None) -> dict[str, Any]:
             break
     training: dict[str, Any] = {}
     info = _read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
-    if isinstance(info, dict):
-        if info.get("recipe_name"):
-            training["recipe"] = info["recipe_name"]
-        if info.get("init"):
-            # Local paths are reduced to their last parts: the card is public.
-            init = str(info["init"])
-            training["initialised from"] = init if not Path(init).is_absolute() else Path(init).name
-        if info.get("data"):
-            training["data"] = Path(str(info["data"])).name
+    info = info if isinstance(info, dict) else {}
+    if info.get("recipe_name"):
+        training["recipe"] = info["recipe_name"]
+    init = origin.get("init") or {}
+    if "init" in info:
+        # The initialisation as cd2p.origin found it: a run's name or a Hub id, never a path.
+        training["initialised from"] = (
+            "scratch (random initialisation)" if init.get("kind") == "scratch"
+            else str(init.get("source") or "not recorded")
+        )  # fmt: skip
+    teacher = origin.get("teacher") or {}
+    if origin.get("made_by") == "pre-training" and teacher.get("kind") not in (None, "unknown"):
+        training["teacher"] = teacher.get("description") or teacher["kind"]
+        training["random teacher"] = (
+            "yes (NOT CLIP: a pipeline test)" if teacher["kind"] == "random" else "no"
+        )
+    prepared = _prepared_data(info, public)
+    if prepared:
+        training["prepared data"] = prepared
     log = run_dir / "metrics.jsonl"
     if log.is_file():
         last: dict[str, Any] = {}
@@ -250,6 +285,102 @@ def _run_summary(run_dir: Path | None) -> dict[str, Any]:
     if runs:
         out["runs"] = runs
     return out
+
+
+def _prepared_data(info: dict[str, Any], public: PublicPaths) -> str | None:
+    """The card's line on the prepared data: public paths, the pair count of a pre-training
+    and the fingerprint that identifies the data wherever it lies."""
+    roots = info.get("data")
+    roots = roots if isinstance(roots, list) else [roots] if roots else []
+    if not roots:
+        return None
+    text = ", ".join(f"`{public.text(str(r))}`" for r in roots)
+    extras = []
+    if isinstance(info.get("pairs"), int):
+        extras.append(f"{info['pairs']} pairs")
+    sha = (info.get("data_fingerprint") or {}).get("sha256")
+    if sha:
+        extras.append(f"sha256 `{str(sha)[:16]}…`")
+    return text + (f" ({'; '.join(extras)})" if extras else "")
+
+
+def _data_roots(run_dir: Path | None, files: dict[str, Path | bytes]) -> list[str]:
+    """Every data directory a run's records name: the run's data, its fingerprint's path and
+    the data of its evaluations (each is published as ``<data>/<name>``)."""
+    found: list[str] = []
+
+    def add(value: Any) -> None:
+        if isinstance(value, str) and value:
+            found.extend(part for part in value.split(", ") if Path(part).is_absolute())
+        elif isinstance(value, list):
+            for item in value:
+                add(item)
+
+    records: list[Any] = []
+    if run_dir is not None and (run_dir / "run.json").is_file():
+        records.append(_read_json(run_dir / "run.json"))
+    records += [_read_json(src) for name, src in files.items()
+                if name.endswith("metrics.json") and isinstance(src, Path)]  # fmt: skip
+    for record in records:
+        if not isinstance(record, dict):
+            continue
+        add(record.get("data"))
+        for key in ("data_fingerprint", "provenance"):
+            block = record.get(key) or {}
+            block = block.get("data") if key == "provenance" else block
+            if isinstance(block, dict):
+                add(block.get("path"))
+    return list(dict.fromkeys(found))
+
+
+def _public_file(path: Path, public: PublicPaths) -> Path | bytes:
+    """A run record as it is published: unchanged, or rewritten with its local paths replaced
+    (JSON and YAML values, written the way cd2p writes them)."""
+    if path.suffix == ".json":
+        data = _read_json(path)
+        clean = public.value(data)
+        return path if clean == data else (json.dumps(clean, indent=2) + "\n").encode()
+    if path.suffix == ".jsonl":
+        lines = path.read_text().splitlines()
+        out, changed = [], False
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                out.append(public.text(line))  # a torn last line: text is all there is
+                changed |= out[-1] != line
+                continue
+            clean = public.value(record)
+            changed |= clean != record
+            out.append(json.dumps(clean) if clean != record else line)
+        return ("\n".join(out) + "\n").encode() if changed else path
+    if path.suffix in (".yaml", ".yml"):
+        data = yaml.safe_load(path.read_text())
+        clean = public.value(data)
+        # recipe.yaml is written by yaml.safe_dump(sort_keys=False): the same again.
+        return path if clean == data else yaml.safe_dump(clean, sort_keys=False).encode()
+    return path
+
+
+def _published_bytes(name: str, source: Path | bytes) -> bytes:
+    """What to search for local paths: a file's bytes, a safetensors file's header only (its
+    tensors are numbers, where any short byte string turns up by chance in large files)."""
+    if isinstance(source, bytes):
+        return source
+    if name.endswith(".safetensors"):
+        with Path(source).open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            return f.read(min(size, 100_000_000))
+    return Path(source).read_bytes()
+
+
+def find_local_paths(files: dict[str, Path | bytes], public: PublicPaths) -> list[str]:
+    """``"file (path)"`` for every file that still holds a local directory's path."""
+    found = []
+    for name, source in sorted(files.items()):
+        for place in public.leaks(_published_bytes(name, source)):
+            found.append(f"{name} ({place})")
+    return found
 
 
 def _multirun_context(run_dir: Path) -> dict[str, Any] | None:
@@ -279,6 +410,8 @@ def _existing_card_data(model_dir: Path) -> dict[str, Any]:
             out["base_model"] = data.base_model
         if isinstance(getattr(data, "cd2p_provenance", None), dict):
             out["provenance"] = data.cd2p_provenance
+        if isinstance(getattr(data, "cd2p_origin", None), dict):
+            out["origin"] = data.cd2p_origin
         results = getattr(data, "eval_results", None) or []
         zeroshot = [r for r in results if r.task_type == ZERO_SHOT_HUB_TASK["type"]]
         results = [r for r in results if r.task_type != ZERO_SHOT_HUB_TASK["type"]]
@@ -299,7 +432,9 @@ def _existing_card_data(model_dir: Path) -> dict[str, Any]:
                 out["dataset"] = {"name": first.dataset_name, "id": first.dataset_type}
                 if first.dataset_split:
                     out["dataset"]["split"] = first.dataset_split
-    with safe_open(str(model_dir / WEIGHTS_NAME), framework="pt") as f:
+    weights = model_dir / WEIGHTS_NAME
+    with reading(weights, "save or download the model again"), \
+            safe_open(str(weights), framework="pt") as f:
         converted = (f.metadata() or {}).get(CONVERTED_FROM_KEY)
     if converted:
         out["converted_from"] = json.loads(converted)
@@ -315,20 +450,25 @@ class Staged:
     run_dir: Path | None
     model_kind: str
     context: dict[str, Any]
+    origin: dict[str, Any] = field(default_factory=dict)
+    public: PublicPaths = field(default_factory=PublicPaths)
 
 
 def stage(path: str | Path, repo_id: str) -> Staged:
     """Everything a push uploads, with the model card rendered for ``repo_id``.
 
     The card (``README.md``) is rendered by loading the model strictly, which also proves that
-    the weights match the config before anything is uploaded.
+    the weights match the config before anything is uploaded. It states how the model was
+    made (:func:`cd2p.origin.model_origin`); the run records are uploaded with their local
+    paths replaced (:class:`cd2p.provenance.PublicPaths`).
     """
     from cd2p.cards import STUDENT_KIND, zeroshot_entry
+    from cd2p.origin import model_origin
 
     model_dir, run_dir = resolve_push_source(path)
     files: dict[str, Path | bytes] = {name: model_dir / name for name in MODEL_FILES}
-    is_student = read_config(model_dir).get("model_kind") == STUDENT_KIND
-    zeroshot = []
+    kind = str(read_config(model_dir).get("model_kind") or "model")
+    is_student = kind == STUDENT_KIND
     if run_dir is not None:
         for name in RUN_RECORDS:
             if (run_dir / name).is_file():
@@ -337,11 +477,21 @@ def stage(path: str | Path, repo_id: str) -> Staged:
             for plot in sorted(run_dir.glob(pattern)):
                 if plot.is_file():
                     files[plot.relative_to(run_dir).as_posix()] = plot
-                    if plot.name == "metrics.json":
-                        report = _read_json(plot)
-                        if isinstance(report, dict):
-                            zeroshot.append(zeroshot_entry(report))
-    recorded, run = _existing_card_data(model_dir), _run_summary(run_dir)
+    public = PublicPaths(data=_data_roots(run_dir, files), run=(run_dir or model_dir).resolve())
+    zeroshot = []
+    for name, source in list(files.items()):
+        if name in MODEL_FILES or not isinstance(source, Path):
+            continue
+        files[name] = _public_file(source, public)
+        if name.startswith("zeroshot/") and name.endswith("metrics.json"):
+            report = _read_json(source)
+            if isinstance(report, dict):
+                zeroshot.append(zeroshot_entry(public.value(report)))
+    recorded = _existing_card_data(model_dir)
+    origin = model_origin(model_dir, run_dir, kind, converted_from=recorded.get("converted_from"),
+                          recorded={"origin": recorded.pop("origin", None),
+                                    "base_model": recorded.get("base_model")})  # fmt: skip
+    run = _run_summary(run_dir, origin, public)
     if zeroshot:  # the run's zero-shot results replace those the card recorded
         recorded["zeroshot"] = zeroshot
     # Metrics: a later `cd2p evaluate` (eval/metrics.json) first, then those the training run
@@ -350,12 +500,13 @@ def stage(path: str | Path, repo_id: str) -> Staged:
         run.pop("metrics", None)
         if "dataset" in recorded:
             run.pop("dataset", None)
-    context = {**recorded, **run}
+    context = public.value({**recorded, **run})
+    context["origin"] = origin
     model = from_pretrained(model_dir)
     card = model.generate_model_card(repo_id=repo_id, **context)
     files["README.md"] = str(card).encode()
-    kind = str(getattr(model, "model_kind", "model"))
-    return Staged(files, model_dir, run_dir, kind, context)
+    kind = str(getattr(model, "model_kind", kind))
+    return Staged(files, model_dir, run_dir, kind, context, origin, public)
 
 
 def _known_tokens() -> list[bytes]:
@@ -398,13 +549,19 @@ def push(
     create_pr: bool = False,
     dry_run_dir: str | Path | None = None,
     api: HfApi | None = None,
+    force: bool = False,
 ) -> PushResult:
     """Upload a run's exported model (or a model directory) to ``repo_id`` in one commit.
 
     Creates the repo if needed (``private`` only applies to a new repo) and, for a
     ``revision`` that does not exist yet, the branch. With ``dry_run_dir`` the exact files
-    are written there and nothing is sent. Raises ``ValueError`` if a file holds a token.
+    are written there and nothing is sent. Raises ``ValueError`` if a file holds a token or a
+    local path, and :class:`PushRefused` for a model distilled from a RANDOM teacher, trained
+    on synthetic data or from an unfinished run, unless ``force`` (a dry run lists these in
+    ``PushResult.concerns`` instead).
     """
+    from cd2p.origin import push_concerns
+
     staged = stage(path, repo_id)
     leaked = find_secrets(staged.files)
     if leaked:
@@ -412,6 +569,20 @@ def push(
         raise ValueError(
             "refusing to push: these files contain a Hugging Face access token: "
             + ", ".join(leaked)
+        )
+    local = find_local_paths(staged.files, staged.public)
+    if local:
+        raise ValueError(
+            "refusing to push: these files still contain local paths: " + ", ".join(local)
+            + "; remove them (the run's records are rewritten, the model's config.json and "
+            "weights are not)"
+        )
+    concerns = push_concerns(staged.origin)
+    if concerns and not force and dry_run_dir is None:
+        # One line for the CLI: what is wrong, that the card says it, and the way past it.
+        raise PushRefused(
+            f"refusing to push {repo_id}: {'; '.join(concerns)}. Its card says so; pass "
+            "--force to push it anyway"
         )
     result = PushResult(
         repo_id=repo_id,
@@ -423,6 +594,8 @@ def push(
             for name, src in staged.files.items()
         },
         card_metrics=dict(staged.context.get("metrics", {})),
+        origin=dict(staged.origin),
+        concerns=concerns,
     )
     if dry_run_dir is not None:
         _write_dry_run(staged.files, Path(dry_run_dir))

@@ -7,7 +7,10 @@
 - :func:`environment`: cd2p version and git commit, Python, torch, CUDA, cuDNN, the hardware;
 - :func:`training_statistics`: training time, samples/s and peak memory from a run's
   ``metrics.jsonl`` (exact across resumes, which drop the records after their checkpoint);
-- :func:`provenance`: all of it with the recipe, seeds, wall time and GPU-hours.
+- :func:`provenance`: all of it with the recipe, seeds, wall time and GPU-hours;
+- :class:`PublicPaths`: the same records made fit to publish (``cd2p push``): local absolute
+  paths replaced by ``<data>/...``, ``<run>/...``, ``~/...`` or ``<local>/<name>``, the
+  fingerprints kept.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
@@ -257,7 +261,95 @@ def combine(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# -- what is published: no local paths -------------------------------------------------------
+
+# Characters that end a path inside a sentence, a JSON or YAML value or a command line.
+_PATH_CHARS = r"""[^\s'"(),;\[\]|`<>]"""
+_PATH_END = r"""(?=$|[/\\\s'"(),;\[\]|`<>:])"""
+# A path starts a value or follows a space, quote, bracket, "=" or ",": so "km/h", "org/name"
+# and the "//" of "https://" are never taken for one.
+_PATH_START = r"""(?:^|(?<=[\s'"(\[=,]))"""
+_ABSOLUTE = re.compile(
+    _PATH_START + r"""(?:/|[A-Za-z]:[\\/])[^/\\\s'"(),;\[\]|`<>]""" + _PATH_CHARS + "*"
+)
+
+
+class PublicPaths:
+    """Replaces local absolute paths in what is published with a model (``cd2p push``).
+
+    A data root becomes ``<data>/<its name>`` and a file in it ``<data>/<name>/<path in it>``;
+    the run directory ``<run>``; anything under the home directory ``~/...``; any other
+    absolute path ``<local>/<its last part>``. The data stays identifiable by its fingerprint
+    (``provenance.data.sha256``), which is kept.
+
+    Args:
+        data: the data roots the run read.
+        run: the run (or model) directory being published.
+    """
+
+    def __init__(self, data: Iterable[str | Path] = (), run: str | Path | None = None) -> None:
+        places: list[tuple[str, str]] = []
+        for root in data:
+            places += [(form, f"<data>/{Path(root).name}") for form in _forms(root)]
+        if run is not None:
+            places += [(form, "<run>") for form in _forms(run)]
+        home = str(Path.home()).rstrip("/")
+        if home.count("/") >= 1 and len(home) > 1:
+            places.append((home, "~"))
+        # Longest first: a data root inside the home directory is named as data.
+        places.sort(key=lambda item: -len(item[0]))
+        self.places = places
+        self._known = [(re.compile(_PATH_START + re.escape(p) + _PATH_END), sub)
+                       for p, sub in places]  # fmt: skip
+
+    @property
+    def local(self) -> list[str]:
+        """The local directories that must not appear in anything published."""
+        return sorted({p for p, _ in self.places})
+
+    def text(self, value: str) -> str:
+        """``value`` with every absolute path replaced (see the class docstring)."""
+        for pattern, sub in self._known:
+            value = pattern.sub(lambda _m, s=sub: s, value)
+
+        def other(match: re.Match) -> str:
+            name = re.split(r"[\\/]", match.group(0).rstrip("/\\"))[-1]
+            return f"<local>/{name}" if name else "<local>"
+
+        return _ABSOLUTE.sub(other, value)
+
+    def value(self, value: Any) -> Any:
+        """A JSON / YAML value with :meth:`text` applied to every string in it (keys too)."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, Mapping):
+            return {self.value(k): self.value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.value(v) for v in value]
+        return value
+
+    def leaks(self, data: bytes) -> list[str]:
+        """The local directories whose path occurs in ``data`` (as text or JSON-escaped)."""
+        found = []
+        for place in self.local:
+            forms = {place.encode(), json.dumps(place)[1:-1].encode(),
+                     json.dumps(place, ensure_ascii=False)[1:-1].encode()}  # fmt: skip
+            if any(form in data for form in forms):
+                found.append(place)
+        return found
+
+
+def _forms(path: str | Path) -> list[str]:
+    """The spellings of a directory in records: as given and resolved (symbolic links)."""
+    text = str(path).rstrip("/\\") or str(path)
+    forms = {text}
+    if Path(text).is_absolute():
+        forms.add(str(Path(text).resolve()))
+    return [f for f in forms if Path(f).is_absolute() and len(f) > 1]
+
+
 __all__ = [
+    "PublicPaths",
     "check_same_data",
     "combine",
     "data_fingerprint",

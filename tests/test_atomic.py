@@ -7,6 +7,8 @@ import os
 import stat
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from cd2p._atomic import (
     atomic_directory,
@@ -50,11 +52,28 @@ def test_permissions_follow_the_umask(tmp_path, umask):
             tmp.write_bytes(b"x")
         with atomic_directory(tmp_path / "d") as tmp:
             (tmp / "inner").write_text("x")
+            # safetensors creates its files 0600 itself; the published ones get the usual mode.
+            (tmp / "sub").mkdir(mode=0o700)
+            save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "w.safetensors"))
+        with atomic_output(tmp_path / "m.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))
     finally:
         os.umask(old)
     assert _mode(tmp_path / "f.txt") == 0o666 & ~umask
     assert _mode(tmp_path / "g.bin") == 0o666 & ~umask
     assert _mode(tmp_path / "d") == 0o777 & ~umask
+    assert _mode(tmp_path / "d" / "sub") == 0o777 & ~umask
+    assert _mode(tmp_path / "d" / "sub" / "w.safetensors") == 0o666 & ~umask
+    assert _mode(tmp_path / "m.safetensors") == 0o666 & ~umask
+
+
+def test_json_never_holds_a_bare_nan(tmp_path):
+    # NaN / Infinity are not JSON: other readers (jq, browsers, the Hub) refuse the file.
+    data = {"acc": float("nan"), "loss": [1.0, float("inf"), -float("inf")], "n": 3}
+    atomic_write_json(tmp_path / "m.json", data)
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"acc": None, "loss": [1.0, None, None], "n": 3}
 
 
 def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):

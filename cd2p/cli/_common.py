@@ -3,24 +3,28 @@ argument types several commands declare alike, device choice and summary tables.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from cd2p._text import plain_console
 from cd2p.tasks import task_names
 
 if TYPE_CHECKING:  # torch is imported only by the commands that run something
     import torch
 
-console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Strings print as they are: styling only through cd2p._text.styled (paths hold [...] too).
+console = plain_console()
+err_console = plain_console(stderr=True)
 
 
 class Cd2pError(click.ClickException):
@@ -28,7 +32,9 @@ class Cd2pError(click.ClickException):
 
     def show(self, file: Any = None) -> None:  # noqa: ARG002
         # One complete line, never wrapped (a log file or a narrow terminal).
-        err_console.print(f"[bold red]error:[/] {self.format_message()}", soft_wrap=True)
+        # The message is text, never markup: paths and peers' messages hold [...] too.
+        line = Text.assemble(("error:", "bold red"), " ", self.format_message())
+        err_console.print(line, soft_wrap=True)
 
 
 def user_errors(func: Callable) -> Callable:
@@ -38,7 +44,8 @@ def user_errors(func: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as exc:
+        # OSError: a full disk, a permission, a file that vanished: the message names the file.
+        except (ValueError, OSError, KeyError, RuntimeError) as exc:
             if "--debug" in sys.argv:
                 raise
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
@@ -111,6 +118,32 @@ def resumed_run_dir(out: Path | None, resume: Path) -> Path:
     if out is not None and out.resolve() != resume.resolve():
         raise click.UsageError("--out and --resume name different directories")
     return resume
+
+
+@contextlib.contextmanager
+def new_run_output(out: Path | None, resume: bool) -> Iterator[None]:
+    """Around a new training run: if it fails before it has anything to keep (no checkpoint,
+    no model), remove what it wrote into ``out``, so that the same ``--out`` works once the
+    problem is fixed instead of being refused as an existing run. Resumed runs and runs with a
+    checkpoint are left as they are (``--resume`` continues them)."""
+    existed = out is not None and out.exists()
+    fresh = out is not None and not resume and not (existed and any(out.iterdir()))
+    try:
+        yield
+    except BaseException as exc:
+        from cd2p.engine.trainer import TrainingInterrupted
+
+        keep = isinstance(exc, TrainingInterrupted | SystemExit) or not is_main_process()
+        if fresh and not keep and out.is_dir() and not _has_results(out):
+            shutil.rmtree(out)
+            if existed:  # the user's own empty directory stays
+                out.mkdir()
+        raise
+
+
+def _has_results(run_dir: Path) -> bool:
+    """Whether a run directory holds anything worth keeping: a checkpoint or a saved model."""
+    return any(run_dir.rglob("step-*")) or any(run_dir.rglob("model.safetensors"))
 
 
 def is_main_process() -> bool:

@@ -9,6 +9,7 @@ import click
 from rich.table import Table
 
 from cd2p._atomic import atomic_write_json
+from cd2p._text import styled
 from cd2p.cli._common import (
     EXISTING_DIR,
     EXISTING_FILE,
@@ -146,8 +147,9 @@ def caption(
             f"{captioner.prefix_width} wide: use ClipCap's GPT-2 (768)"
         )
     mode = f"beam search ({beam} beams)" if beam else "greedy (top-p 0.8)"
-    console.print(f"[bold]student[/]  {model_id} ({student.objective})   [bold]decoding[/] {mode}")
-    console.print(f"[bold]decoder[/]  {captioner.description}")
+    console.print(styled("[bold]student[/]  {model} ({objective})   [bold]decoding[/] {mode}",
+                         model=model_id, objective=student.objective, mode=mode))
+    console.print(styled("[bold]decoder[/]  {text}", text=captioner.description))
 
     records = []
     table = Table(title="captions", title_justify="left")
@@ -172,7 +174,7 @@ def caption(
             notes.append(
                 f"RANDOM teacher (seed {seed}): its captions come from random weights, NOT CLIP."
             )
-            err_console.print(f"[bold yellow]warning:[/] {notes[-1]}")
+            err_console.print(styled("[bold yellow]warning:[/] {note}", note=notes[-1]))
         else:
             teacher = Teacher.from_pretrained(
                 "prefix", clip_weights=clip_weights, clipcap_weights=clipcap_weights,
@@ -197,7 +199,7 @@ def caption(
     if entries:
         title = f"cd2p captions: {model_id} on {pairs.name} ({mode})"
         written = write_contact_sheet(entries, sheet, title, notes)
-        console.print(f"contact sheet: [bold]{written}[/]")
+        console.print(styled("contact sheet: [bold]{path}[/]", path=written))
     if out is not None:
         atomic_write_json(out, {"model": model_id, "decoding": mode, "captions": records})
-        console.print(f"captions: [bold]{out}[/]")
+        console.print(styled("captions: [bold]{path}[/]", path=out))

@@ -18,7 +18,7 @@ def _cell(stats: dict | None) -> str:
     if stats.get("std") is not None:
         text += f" ± {100 * stats['std']:.2f}"
     if stats["n"] > 1:
-        text += f"\n[dim]{100 * stats['min']:.2f}–{100 * stats['max']:.2f}[/]"
+        text += f"\n{100 * stats['min']:.2f}–{100 * stats['max']:.2f}"
     return text
 
 

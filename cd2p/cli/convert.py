@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from cd2p._text import styled
 from cd2p.cli._common import EXISTING_FILE, OUTPUT_DIR, console, key_value_table, user_errors
 
 
@@ -102,15 +103,15 @@ def _convert_point_mae(checkpoint: Path, out: Path, options: dict[str, Any]) -> 
     table.add_row("source sha256", report.sha256[:16] + "...")
     console.print(table)
     for note in report.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(styled("[yellow]note:[/] {note}", note=note))
     if report.assumed:
         values = ", ".join(f"{k}={report.settings[k]['value']}" for k in report.assumed)
-        console.print(
-            f"[bold yellow]assumed[/] (not in the weights, no option or --config): {values}; "
+        console.print(styled(
+            "[bold yellow]assumed[/] (not in the weights, no option or --config): {values}; "
             "the model card says so. Pass --config cfgs/....yaml or the options if these are "
-            "not the checkpoint's."
-        )
-    console.print(f'load it with [bold]cd2p.from_pretrained("{out}")[/]')
+            "not the checkpoint's.", values=values
+        ))
+    console.print(styled('load it with [bold]cd2p.from_pretrained("{out}")[/]', out=out))
 
 
 @convert.command("clipcap")

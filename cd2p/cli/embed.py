@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cd2p._text import styled
 from cd2p.cli._common import OUTPUT_DIR, console, key_value_table, resolve_device, user_errors
 
 
@@ -79,4 +80,5 @@ def embed(
                   + (" + tokens, centers" if tokens else ""))  # fmt: skip
     table.add_row("wrote", str(result.out))
     console.print(table)
-    console.print(f"load it with [bold]datasets.load_from_disk({str(result.out)!r})")
+    console.print(styled("load it with [bold]datasets.load_from_disk({path})",
+                         path=repr(str(result.out))))

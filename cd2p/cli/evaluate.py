@@ -12,6 +12,7 @@ import click
 from rich.table import Table
 
 from cd2p._atomic import atomic_write_json
+from cd2p._text import styled
 from cd2p.cli._common import (
     EXISTING_DIR,
     OUTPUT_DIR,
@@ -174,10 +175,10 @@ def evaluate(
     line = "   ".join(f"{m.label} {_pct(report.metrics[m.key])} %" for m in plain)
     if not voting and report.votes > 1:  # scene tasks: every point scored several times
         line += f"   ({report.votes} votes)"
-    console.print(f"[bold]{line}")
+    console.print(styled("[bold]{line}", line=line))
     if voting:
         line = "   ".join(f"{m.label} {_pct(report.metrics[m.key])} %" for m in voting)
-        console.print(f"[bold]{line}   ({votes} votes)")
+        console.print(styled("[bold]{line}   ({votes} votes)", line=line, votes=votes))
     if out is not None:
         from cd2p.engine.finetune import fingerprint_data
         from cd2p.provenance import provenance

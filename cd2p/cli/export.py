@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cd2p._text import styled
 from cd2p.cli._common import EXISTING_DIR, OUTPUT_DIR, console, user_errors
 
 
@@ -34,5 +35,5 @@ def export(run: Path, out: Path | None, checkpoint: Path | None) -> None:
     from cd2p.engine.pretrain import export_run_student
 
     path = export_run_student(run, out, checkpoint)
-    console.print(f"student exported to [bold]{path}[/]")
-    console.print(f"load it with [bold]cd2p.from_pretrained({str(path)!r})")
+    console.print(styled("student exported to [bold]{path}[/]", path=path))
+    console.print(styled("load it with [bold]cd2p.from_pretrained({path})", path=repr(str(path))))

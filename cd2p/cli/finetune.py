@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cd2p._text import styled
 from cd2p.cli._common import (
     EXISTING_DIR,
     console,
@@ -13,6 +14,7 @@ from cd2p.cli._common import (
     is_main_process,
     key_value_table,
     multirun_table,
+    new_run_output,
     overrides_option,
     resume_option,
     resumed_run_dir,
@@ -193,20 +195,22 @@ def finetune(
                 kind = "few-shot-protocol"
                 command = (f"cd2p finetune {task} --few-shot-protocol --ways {ways} "
                            f"--shots {shots} --folds {folds} --queries {queries}")
-            _run_many(task, recipe, data, init, out, members, kind, name, command=command,
-                      progress=not no_progress)  # fmt: skip
+            with new_run_output(out, False):
+                _run_many(task, recipe, data, init, out, members, kind, name, command=command,
+                          progress=not no_progress)  # fmt: skip
             return
-    result = run_finetune(
-        task,
-        recipe,
-        data,
-        init,
-        out,
-        resume=resume is not None,
-        progress=not no_progress,
-        recipe_name=name,
-        overrides=overrides if resume is not None else (),
-    )
+    with new_run_output(out, resume is not None):
+        result = run_finetune(
+            task,
+            recipe,
+            data,
+            init,
+            out,
+            resume=resume is not None,
+            progress=not no_progress,
+            recipe_name=name,
+            overrides=overrides if resume is not None else (),
+        )
     if is_main_process():
         table = key_value_table(f"cd2p finetune {task}: {out}")
         if result.run is not None:
@@ -281,7 +285,8 @@ def _run_many(
 
     def announce(index: int, count: int, member, state: str) -> None:
         what = {"done": "done, kept", "resume": "resuming", "new": "training"}[state]
-        console.rule(f"[bold]{index + 1}/{count}[/] {member.name} ({what})")
+        console.rule(styled("[bold]{i}/{n}[/] {name} ({what})", i=index + 1, n=count,
+                            name=member.name, what=what))
 
     result = run_multi(task, recipe, data, init, out, members, kind=kind, command=command,
                        resume=resume, progress=progress, recipe_name=name,

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import click
 
+from cd2p._text import styled
 from cd2p.cli._common import (
     EXISTING_DIR,
     console,
     interruptible,
     is_main_process,
     key_value_table,
+    new_run_output,
     overrides_option,
     resume_option,
     resumed_run_dir,
@@ -81,15 +83,16 @@ def pretrain(
             raise click.UsageError("a new run needs --data PAIRS and --out RUN (or --resume RUN)")
         name = recipe_arg or "pretrain-scannet"
         recipe = load_recipe(name, overrides)
-    result = run_pretrain(
-        recipe,
-        list(data) or None,
-        out,
-        resume=resume is not None,
-        progress=not no_progress,
-        recipe_name=name,
-        overrides=overrides if resume is not None else (),
-    )
+    with new_run_output(out, resume is not None):
+        result = run_pretrain(
+            recipe,
+            list(data) or None,
+            out,
+            resume=resume is not None,
+            progress=not no_progress,
+            recipe_name=name,
+            overrides=overrides if resume is not None else (),
+        )
     if is_main_process():
         run = result.run
         table = key_value_table(f"cd2p pretrain: {out}")
@@ -101,13 +104,13 @@ def pretrain(
             table.add_row(key, f"{value:.5g}")
         # The stored description of a random teacher already says so; flag only the others.
         flag = result.random_teacher and "RANDOM" not in result.teacher
-        table.add_row("teacher", result.teacher + (" [bold red](RANDOM)" if flag else ""))
+        table.add_row("teacher", styled("{teacher}" + (" [bold red](RANDOM)" if flag else ""),
+                                         teacher=result.teacher))
         table.add_row("backbone", str(result.backbone_dir) if result.backbone_dir else "(not yet)")
         if result.student_dir:
             table.add_row("student", f"{result.student_dir} (cd2p caption / cd2p zeroshot)")
         console.print(table)
         if result.backbone_dir:
-            console.print(
-                f"load it with [bold]Cd2pBackbone.from_pretrained({str(result.backbone_dir)!r})"
-            )
+            console.print(styled("load it with [bold]Cd2pBackbone.from_pretrained({path})",
+                                 path=repr(str(result.backbone_dir))))
     D.cleanup()

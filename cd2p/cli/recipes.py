@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 from rich.syntax import Syntax
 
+from cd2p._text import styled
 from cd2p.cli._common import console, user_errors
 
 
@@ -28,12 +29,13 @@ def list_recipes() -> None:
     from cd2p.catalog import shipped_recipes
 
     # One block per recipe: it reads at any terminal width (and in a log file).
-    console.print("[bold]shipped recipes[/] (cd2p <command> --recipe NAME):\n")
+    console.print(styled("[bold]shipped recipes[/] (cd2p <command> --recipe NAME):\n"))
     for info in shipped_recipes():
         hardware = info.hardware.split(" (")[0]
-        console.print(f"[bold cyan]{info.name}[/]  [dim]{info.task} · {hardware}[/]")
+        console.print(styled("[bold cyan]{name}[/]  [dim]{task} · {hardware}[/]", name=info.name,
+                             task=info.task, hardware=hardware))
         console.print(f"    {info.description}", soft_wrap=False)
-        console.print(f"    [green]paper:[/] {info.paper}")
+        console.print(styled("    [green]paper:[/] {paper}", paper=info.paper))
 
 
 @recipes.command("show")
@@ -44,5 +46,5 @@ def show(name: str) -> None:
     from cd2p.catalog import recipe_info
 
     info = recipe_info(name)
-    console.print(f"[bold]{info.name}[/] ({info.path})")
+    console.print(styled("[bold]{name}[/] ({path})", name=info.name, path=info.path))
     console.print(Syntax(info.path.read_text(), "yaml", background_color="default"))

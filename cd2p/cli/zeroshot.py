@@ -10,6 +10,7 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from cd2p._text import styled
 from cd2p.cli._common import (
     EXISTING_DIR,
     EXISTING_FILE,
@@ -141,18 +142,20 @@ def zeroshot(
     model_name = clip_model_name or DEFAULT_MODEL_NAME
     if random_text_tower:
         tower = ClipTextTower.random(seed, model_name, device=torch_device)
-        err_console.print(
-            f"[bold yellow]warning:[/] RANDOM text tower (seed {seed}), NOT CLIP: a pipeline "
-            "test, the accuracy means nothing"
-        )
+        err_console.print(styled(
+            "[bold yellow]warning:[/] RANDOM text tower (seed {seed}), NOT CLIP: a pipeline "
+            "test, the accuracy means nothing", seed=seed
+        ))
     else:
         tower = ClipTextTower.from_pretrained(clip_weights, model_name, device=torch_device)
-    console.print(f"[bold]student[/]     {model_id} ({student.objective})")
-    console.print(f"[bold]text tower[/]  {tower.description}")
-    console.print(
-        f"[bold]data[/]        {data} ({split}: {len(split_data)} shapes, "
-        f"{split_data.num_classes} classes)   [bold]prompts[/] {len(templates)}"
-    )
+    console.print(styled("[bold]student[/]     {model} ({objective})", model=model_id,
+                         objective=student.objective))
+    console.print(styled("[bold]text tower[/]  {text}", text=tower.description))
+    console.print(styled(
+        "[bold]data[/]        {data} ({split}: {shapes} shapes, {classes} classes)   "
+        "[bold]prompts[/] {prompts}", data=data, split=split, shapes=len(split_data),
+        classes=split_data.num_classes, prompts=len(templates)
+    ))
     with Progress(
         TextColumn("[bold]zero-shot"), BarColumn(), MofNCompleteColumn(), TextColumn("shapes"),
         console=console,
@@ -171,10 +174,10 @@ def zeroshot(
         table.add_row(row["name"], str(row["support"]), _pct(row["acc"]))
     console.print(table)
     chance = 100.0 / split_data.num_classes
-    console.print(
-        f"[bold]zero-shot OA {_pct(report.metrics['oa'])} %   mAcc {_pct(report.metrics['macc'])}"
-        f" %[/]   (chance {chance:.2f} %)"
-    )
+    console.print(styled(
+        "[bold]zero-shot OA {oa} %   mAcc {macc} %[/]   (chance {chance} %)",
+        oa=_pct(report.metrics["oa"]), macc=_pct(report.metrics["macc"]), chance=f"{chance:.2f}"
+    ))
     out = out or default_out(model_id, split_data.source, split)
     if out is None:
         console.print("(pass --out DIR to save metrics.json and the confusion matrix)")

@@ -35,6 +35,7 @@ from rich.console import Console
 from torch import nn
 
 from cd2p._atomic import atomic_directory, atomic_write_json
+from cd2p._text import plain_console, styled
 from cd2p.config import Recipe, apply_overrides, load_recipe, resume_changes
 from cd2p.engine import distributed as D
 from cd2p.engine.evaluation import evaluate
@@ -223,7 +224,7 @@ def run_finetune(
     """
     spec = get_task(task)
     out = Path(out)
-    console = console or Console(stderr=True)
+    console = console or plain_console(stderr=True)
     changes: list[str] = []
     if resume:
         saved_recipe, saved_data, init, saved_name, changes = _resume_settings(
@@ -326,9 +327,11 @@ def run_finetune(
             },
         )
         for note in notes:
-            console.print(f"[yellow]note:[/] {note} (from the pre-trained backbone)")
+            console.print(
+                styled("[yellow]note:[/] {note} (from the pre-trained backbone)", note=note)
+            )
         for change in changes:
-            console.print(f"[yellow]resumed with[/] {change}")
+            console.print(styled("[yellow]resumed with[/] {change}", change=change))
     trainer_started = time.perf_counter()
     trainer = Trainer(
         spec.training_step(model, recipe),

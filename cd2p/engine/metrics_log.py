@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cd2p._atomic import atomic_output, atomic_write_text
+from cd2p._atomic import atomic_output, atomic_write_text, finite_json
 
 METRICS = "metrics.jsonl"
 _SPARK = "▁▂▃▄▅▆▇█"
@@ -28,7 +28,7 @@ class MetricsLog:
         self._file = self.path.open("a", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, sort_keys=False) + "\n")
+        self._file.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
 
     def close(self) -> None:
         self._file.close()
@@ -64,7 +64,8 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step and r.get("kind") != "final"]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    lines = (json.dumps(finite_json(r), allow_nan=False) + "\n" for r in kept)
+    atomic_write_text(path, "".join(lines))
 
 
 def sparkline(values: Sequence[float], width: int = 40) -> str:

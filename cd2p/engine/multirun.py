@@ -38,6 +38,7 @@ from typing import Any
 from rich.console import Console
 
 from cd2p._atomic import atomic_output, atomic_write_json
+from cd2p._text import plain_console
 from cd2p.config import Recipe, apply_overrides, load_recipe, save_recipe
 from cd2p.engine import distributed as D
 from cd2p.engine.finetune import (
@@ -245,7 +246,7 @@ def run_multi(
             ``done`` (kept), ``resume`` or ``new``.
     """
     out = Path(out)
-    console = console or Console(stderr=True)
+    console = console or plain_console(stderr=True)
     spec = get_task(task)
     dist = D.init_distributed(recipe.run.device if recipe is not None else "auto")
     if resume:

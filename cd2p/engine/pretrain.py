@@ -32,6 +32,7 @@ from rich.console import Console
 from torch import nn
 
 from cd2p._atomic import atomic_directory, atomic_write_json
+from cd2p._text import plain_console, styled
 from cd2p.config import Recipe, apply_overrides, load_recipe, resume_changes
 from cd2p.engine import distributed as D
 from cd2p.engine.augment import random_subsample, scale_and_translate
@@ -403,10 +404,10 @@ def run_pretrain(
     if recipe.task != "pretrain":
         raise ValueError(f"recipe task is {recipe.task!r}, not 'pretrain'")
     data = [Path(p).resolve() for p in data_paths]
-    console = console or Console(stderr=True)
+    console = console or plain_console(stderr=True)
     if resume and dist.is_main:
         for change in changes:
-            console.print(f"[yellow]resumed with[/] {change}")
+            console.print(styled("[yellow]resumed with[/] {change}", change=change))
 
     dataset = _open_pairs(recipe, data)
     targets = TARGETS_OF_OBJECTIVE[recipe.pretrain.objective]
@@ -436,8 +437,12 @@ def run_pretrain(
     fingerprint = None
     if dist.is_main:
         # The pairs and their stored targets, hashed once (a resumed run must read the same).
+        # Their source says whether they are synthetic (`cd2p synthetic scannet`), so that
+        # the run's cards can say so after the raw scans are gone.
+        from cd2p.origin import pairs_source
+
         fingerprint = {**data_fingerprint(data), "path": ", ".join(str(p) for p in data),
-                       "source": "pairs"}  # fmt: skip
+                       "source": pairs_source(data)}  # fmt: skip
         check_same_data((saved or {}).get("data_fingerprint"), fingerprint, out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(
@@ -453,10 +458,10 @@ def run_pretrain(
             },
         )
         if teacher_random:
-            console.print(
+            console.print(styled(
                 "[bold yellow]warning:[/] the teacher is RANDOM (not CLIP): this student learns "
                 "a pipeline test, not useful features"
-            )
+            ))
     trainer_started = time.perf_counter()
     trainer = Trainer(
         PretrainStep(model),

@@ -18,6 +18,13 @@ Exact resume: the batches of an epoch are a pure function of ``(seed, epoch)``
 ``(seed, step, rank)``, the learning rate a pure function of ``step``, and the global RNGs
 (dropout, stochastic depth, MAE masks) are saved with every checkpoint. A run stopped after
 its checkpoint at step ``k`` and resumed therefore ends with bit-identical weights.
+
+Damage and divergence: a resume verifies the checkpoint it starts from and falls back to the
+newest intact one, warning about each damaged file (:func:`.checkpoint.latest_checkpoint`).
+The loss and the weights are checked to be finite where the trainer waits for the device
+anyway: every logged step, before an evaluation, and at a checkpoint (the optimiser state
+too). A run that diverged stops with :class:`TrainingDiverged` before anything non-finite is
+saved, so its last finite checkpoints stay on disk, whatever ``run.keep_checkpoints`` says.
 """
 
 from __future__ import annotations
@@ -43,14 +50,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cd2p._atomic import remove_stale_temporaries
+from cd2p._text import plain_console, styled
 from cd2p.config import Recipe, save_recipe, to_dict
 from cd2p.data.epochs import EpochIndex
 from cd2p.engine import distributed as D
 from cd2p.engine.augment import step_generator
 from cd2p.engine.checkpoint import (
+    CHECKPOINTS,
+    NoIntactCheckpoint,
     capture_rng_state,
+    first_nonfinite,
     latest_checkpoint,
     load_checkpoint,
+    optimizer_tensors,
     save_checkpoint,
 )
 from cd2p.engine.loggers import MetricLogger, open_loggers
@@ -300,6 +313,29 @@ class TrainingInterrupted(Exception):  # noqa: N818 (it is a stop, not an error)
         return 128 + int(number)
 
 
+class TrainingDiverged(FloatingPointError, ValueError):
+    """The loss or the weights (or the optimiser state) stopped being finite.
+
+    Raised at the first logged step, evaluation or checkpoint after it happened, before
+    anything non-finite is written: ``checkpoint`` (the newest one on disk, ``None`` if none
+    was written) and those before it are kept. A ``ValueError`` too, so that the CLI prints it
+    as one line.
+    """
+
+    def __init__(self, run_dir: Path, step: int, problem: str, checkpoint: Path | None,
+                 hint: str) -> None:  # fmt: skip
+        self.run_dir = run_dir
+        self.step = step
+        self.problem = problem
+        self.checkpoint = checkpoint
+        last = (
+            f"the last finite checkpoint is {checkpoint}"
+            if checkpoint is not None
+            else "no checkpoint was written before it"
+        )
+        super().__init__(f"training diverged at step {step}: {problem}; {last}; {hint}")
+
+
 class _StopSignals:
     """While active, SIGINT / SIGTERM only set ``self.received`` (the trainer checkpoints and
     stops after the current step); a second Ctrl-C stops at once, without a checkpoint."""
@@ -444,7 +480,7 @@ class Trainer:
         self.best_mode = best_mode
         self.on_best = on_best
         self.progress = progress and self.dist.is_main
-        self.console = console or Console(stderr=True)
+        self.console = console or plain_console(stderr=True)
         self.find_unused_parameters = find_unused_parameters
         self.format_metrics = format_metrics
         self.resume_hint = resume_hint
@@ -480,6 +516,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.best: dict[str, Any] | None = None
+        # The newest checkpoint on disk (resumed from or written): named when the run diverges.
+        self._last_checkpoint: Path | None = None
         # Wall time of earlier sessions (from the checkpoint) and when this session started.
         self._wall_before = 0.0
         self._session_start = time.perf_counter()
@@ -498,10 +536,11 @@ class Trainer:
     def _loader(self) -> DataLoader:
         workers = loader_workers(self.recipe.data.num_workers, self.device)
         if workers < self.recipe.data.num_workers and self.dist.is_main:
-            self.console.print(
-                f"[yellow]note:[/] data.num_workers={self.recipe.data.num_workers} on a CPU-only "
-                f"run with {usable_cores()} cores: using {workers} loader workers"
-            )
+            self.console.print(styled(
+                "[yellow]note:[/] data.num_workers={asked} on a CPU-only run with {cores} cores: "
+                "using {workers} loader workers", asked=self.recipe.data.num_workers,
+                cores=usable_cores(), workers=workers,
+            ))
         return DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
@@ -553,7 +592,13 @@ class Trainer:
     def _wall_seconds(self) -> float:
         return self._wall_before + time.perf_counter() - self._session_start
 
-    def _save(self, step: int) -> Path | None:
+    def _save(self, step: int, pending_loss: torch.Tensor | None = None) -> Path | None:
+        """Checkpoint at ``step`` (rank 0 writes; every rank takes part).
+
+        ``pending_loss``: the summed loss of the steps since the last logged one, checked
+        with the weights and the optimiser state before anything is written.
+        """
+        self._check_finite(step, pending_loss, optimizer=True)
         local = capture_rng_state()
         # Gather every rank's RNG state on rank 0 as JSON-ready lists (no pickling).
         payload = {
@@ -585,25 +630,49 @@ class Trainer:
                 keep=self.recipe.run.keep_checkpoints,
             )
         D.barrier()
+        self._last_checkpoint = self.run_dir / CHECKPOINTS / f"step-{step:08d}"
         return path
 
     def _collective_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
+    def _warn(self, message: str) -> None:
+        """One warning line on rank 0 (never wrapped: a log file stays greppable)."""
+        if self.dist.is_main:
+            # escaped: a path or a parser's message may hold [brackets]
+            self.console.print(styled("[bold yellow]warning:[/] {message}", message=message),
+                               soft_wrap=True, highlight=False)  # fmt: skip
+
+    def _resume_path(self) -> Path | None:
+        """The checkpoint to resume from: chosen (and verified) by rank 0, for every rank."""
+        choice: dict[str, Any] = {}
+        if self.dist.is_main:
+            try:
+                path = latest_checkpoint(self.run_dir, warn=self._warn)
+                choice = {"name": None if path is None else path.name}
+            except NoIntactCheckpoint as exc:
+                if not self.dist.distributed:
+                    raise
+                choice = {"error": str(exc)}
+        choice = D.all_gather_json(choice, self._collective_device())[0]
+        if "error" in choice:
+            raise NoIntactCheckpoint(choice["error"])
+        return None if choice["name"] is None else self.run_dir / CHECKPOINTS / choice["name"]
+
     def _resume(self) -> int:
-        path = latest_checkpoint(self.run_dir)
+        path = self._resume_path()
         if path is None:
             if self.dist.is_main:
-                self.console.print(
-                    f"[yellow]{self.run_dir} has no checkpoint yet: starting at step 0"
-                )
+                self.console.print(styled(
+                    "[yellow]{run} has no checkpoint yet: starting at step 0", run=self.run_dir
+                ))
             return 0
         ckpt = load_checkpoint(path, self.model, self.optimizer, rank=self.dist.rank)
         if ckpt.world_size != self.dist.world_size and self.dist.is_main:
-            self.console.print(
-                f"[yellow]checkpoint written by {ckpt.world_size} processes, resumed by "
-                f"{self.dist.world_size}: training continues but not bit-exactly"
-            )
+            self.console.print(styled(
+                "[yellow]checkpoint written by {saved} processes, resumed by {now}: training "
+                "continues but not bit-exactly", saved=ckpt.world_size, now=self.dist.world_size,
+            ))
         state = ckpt.trainer_state
         saved_total = state.get("total_steps", self.plan.total_steps)
         # The batches of an epoch depend on the data: a different count means other data.
@@ -622,17 +691,21 @@ class Trainer:
                 "recipe now asks for: a run cannot be shortened below what it has done"
             )
         if saved_total != self.plan.total_steps and self.dist.is_main:
-            self.console.print(
-                f"[yellow]extending the run:[/] {saved_total} -> {self.plan.total_steps} steps; "
-                f"the learning rate follows the cosine schedule of {self.plan.total_steps} steps "
-                f"from step {ckpt.step} on"
-            )
+            self.console.print(styled(
+                "[yellow]extending the run:[/] {saved} -> {total} steps; the learning rate "
+                "follows the cosine schedule of {total} steps from step {step} on",
+                saved=saved_total, total=self.plan.total_steps, step=ckpt.step,
+            ))
         self.best = state.get("best")
-        self._wall_before = float(state.get("wall_seconds", 0.0))
+        self._wall_before = float(state.get("wall_seconds") or 0.0)
+        self._last_checkpoint = path
         return ckpt.step
 
     # -- evaluation -------------------------------------------------------------------------
     def _run_evaluation(self, step: int, log: MetricsLog | None) -> None:
+        # An evaluation waits for the device anyway; a diverged model is neither evaluated
+        # nor exported as the best.
+        self._check_finite(step)
         D.broadcast_buffers(self.model)  # every rank evaluates the same model
         self.model.eval()
         try:
@@ -658,9 +731,13 @@ class Trainer:
         if self.best_metric not in metrics:
             raise KeyError(f"evaluate() returned {sorted(metrics)}, not {self.best_metric!r}")
         value = float(metrics[self.best_metric])
-        previous = None if self.best is None else self.best["value"]
-        better = previous is None or (
-            value > previous if self.best_mode == "max" else value < previous
+        # A best value read back from a checkpoint may be null (it was NaN): anything beats it;
+        # a NaN value beats nothing.
+        previous = None if self.best is None else self.best.get("value")
+        if not _is_number(previous) or not math.isfinite(previous):
+            previous = None
+        better = math.isfinite(value) and (
+            previous is None or (value > previous if self.best_mode == "max" else value < previous)
         )
         if better:
             self.best = {"metric": self.best_metric, "value": value, "step": step, **metrics}
@@ -680,6 +757,11 @@ class Trainer:
         run = self.recipe.run
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._session_start = time.perf_counter()
+        if self.dist.is_main:
+            # What a run killed mid-write left (a half checkpoint, its trash, a half
+            # metrics.jsonl rewrite); those of a live process are kept.
+            for directory in (self.run_dir, self.run_dir / CHECKPOINTS):
+                remove_stale_temporaries(directory)
         start = self._resume() if resume else 0
         if start == 0:
             seed_everything(run.seed + self.dist.rank)
@@ -770,7 +852,7 @@ class Trainer:
                     ):
                         self._run_evaluation(step, log)
                     if step % run.checkpoint_every == 0 or step == end:
-                        saved_at = self._save(step)
+                        saved_at = self._save(step, window.get("loss"))
                     if step >= end or self._stop_requested(stop):
                         break
                     fetch_start = time.perf_counter()
@@ -827,11 +909,11 @@ class Trainer:
             hint = self.resume_hint or "--resume " + str(self.run_dir)
             if self.dist.distributed and hint.startswith("cd2p "):
                 hint = f"torchrun <the same torchrun options> -m {hint}"
-            self.console.print(
-                f"[bold yellow]{name}:[/] stopped at step {step} of {self.plan.total_steps}; "
-                f"checkpoint {saved_at}. Continue with: [bold]{hint}",
-                soft_wrap=True,
-            )
+            self.console.print(styled(
+                "[bold yellow]{name}:[/] stopped at step {step} of {total}; checkpoint {saved}. "
+                "Continue with: [bold]{hint}", name=name, step=step, total=self.plan.total_steps,
+                saved=saved_at, hint=hint,
+            ), soft_wrap=True)
         raise TrainingInterrupted(self.run_dir, step, self.plan.total_steps, saved_at, name)
 
     def _step(
@@ -893,6 +975,47 @@ class Trainer:
         self.optimizer.step()
         return logged
 
+    def _check_finite(
+        self, step: int, loss: float | torch.Tensor | None = None, optimizer: bool = False
+    ) -> None:
+        """Raise :class:`TrainingDiverged` when the loss, the weights or (``optimizer``) the
+        optimiser state are not finite, on every rank alike.
+
+        Called only where the trainer waits for the device anyway (a logged step, an
+        evaluation, a checkpoint), never every step: one pass over the weights and one
+        synchronisation (two under DDP, to agree on the answer).
+        """
+        problem = None
+        if loss is not None:
+            value = float(loss)
+            if not math.isfinite(value):
+                problem = f"the loss is {value}"
+        if problem is None:
+            bad = first_nonfinite(self.model.state_dict().items())
+            if bad is not None:
+                problem = f"the weights are not finite ({bad})"
+        if problem is None and optimizer:
+            bad = first_nonfinite(optimizer_tensors(self.optimizer))
+            if bad is not None:
+                problem = f"the optimiser state is not finite ({bad})"
+        if self.dist.distributed:
+            flag = torch.tensor([float(problem is not None)], device=self._collective_device())
+            if D.all_reduce_sum(flag).item() > 0 and problem is None:
+                problem = "the loss or the weights of another process are not finite"
+        if problem is None:
+            return
+        optim = self.recipe.optim
+        clip = (
+            f"a smaller optim.grad_clip (now {optim.grad_clip})"
+            if optim.grad_clip is not None
+            else "optim.grad_clip (e.g. 1.0)"
+        )
+        hint = (
+            f"start a new run with a lower optim.lr (now {optim.lr:g}) or {clip}; resuming "
+            "this one would repeat the same steps"
+        )
+        raise TrainingDiverged(self.run_dir, step, problem, self._last_checkpoint, hint)
+
     def _log(
         self,
         log: MetricsLog | None,
@@ -907,11 +1030,7 @@ class Trainer:
         values = torch.stack([window[k] for k in keys]).to(self._collective_device())
         values = D.all_reduce_sum(values) / (steps * self.dist.world_size)
         record = dict(zip(keys, values.tolist(), strict=True))
-        if not math.isfinite(record["loss"]):
-            raise FloatingPointError(
-                f"the loss became {record['loss']} by step {step}; the last checkpoint is in "
-                f"{self.run_dir / 'checkpoints'} (try a lower optim.lr or optim.grad_clip)"
-            )
+        self._check_finite(step, record["loss"])  # .tolist() has waited for the device
         elapsed = max(time.perf_counter() - started, 1e-9)
         record = {
             "kind": "train",

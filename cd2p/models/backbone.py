@@ -73,6 +73,15 @@ class Cd2pBackbone(
         class_token: bool = False,
     ) -> None:
         super().__init__()
+        from cd2p.config import ModelConfig, check_fields
+
+        # The recipe's rules (ranges, heads dividing dim) hold for any way a backbone is made.
+        check_fields(ModelConfig, {"dim": dim, "depth": depth, "num_heads": num_heads,
+                                   "num_groups": num_groups, "group_size": group_size,
+                                   "mlp_ratio": mlp_ratio, "drop_path_rate": drop_path_rate},
+                     "Cd2pBackbone")  # fmt: skip
+        if patch_dim is not None and patch_dim < 1:
+            raise ValueError(f"Cd2pBackbone.patch_dim must be >= 1, got {patch_dim}")
         self.dim = dim
         self.depth = depth
         self.num_heads = num_heads

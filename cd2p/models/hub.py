@@ -3,7 +3,14 @@ with the model kind, and model cards (whose content lives in :mod:`cd2p.cards`).
 
 from __future__ import annotations
 
+import collections.abc
+import difflib
+import inspect
+import json
 import os
+import types
+import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_model
 
 from cd2p._atomic import atomic_output, atomic_write_json
+from cd2p._reading import reading
 from cd2p._resources import hubcard_path
 from cd2p.cards import card_context, card_metadata
 
@@ -50,6 +58,61 @@ def check_local_path(name: str | Path, what: str = "model") -> None:
         )
 
 
+def read_model_config(path: str | Path) -> dict[str, Any]:
+    """A model's ``config.json``: a JSON object, or a clear error naming the file."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _config_type(tp: Any) -> Any:
+    """An ``__init__`` annotation as the recipe checker knows types: any sequence is a tuple."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return typing.Union[tuple(_config_type(a) for a in args)]  # noqa: UP007
+    if origin in (Sequence, collections.abc.Sequence, list, tuple):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return tuple[tuple(_config_type(a) for a in args)]
+        return tuple[(_config_type(args[0]) if args else Any), ...]
+    return tp
+
+
+def check_model_config(cls: type, config: dict[str, Any], where: str | Path) -> None:
+    """Refuse a ``config.json`` that ``cls`` was not saved from: another ``model_kind``, a key
+    its constructor does not take, or a value of the wrong type (one line naming the file and
+    the key). Ranges are checked by the constructors themselves."""
+    from cd2p.config import RecipeError, coerce_value
+
+    kind = config.get("model_kind")
+    if kind is not None and kind != cls.model_kind:
+        raise ValueError(
+            f"{where}: model_kind is {kind!r}, but {cls.__name__} loads {cls.model_kind!r} "
+            "models; load it with cd2p.from_pretrained, which picks the class from model_kind"
+        )
+    hints = typing.get_type_hints(cls.__init__)
+    params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    for key, value in config.items():
+        if key == "model_kind":
+            continue
+        if key not in params:
+            close = difflib.get_close_matches(key, params, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{where}: unknown key {key!r} for a {cls.__name__}{hint}")
+        if key == "backbone" and isinstance(value, dict):
+            from cd2p.models.backbone import Cd2pBackbone
+
+            check_model_config(Cd2pBackbone, value, f"{where} (backbone)")
+            continue
+        try:
+            coerce_value(value, _config_type(hints.get(key, Any)), key)
+        except RecipeError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+
 class StrictLoadError(ValueError):
     """Weights that do not match the model exactly (missing, unexpected or mis-shaped keys)."""
 
@@ -58,7 +121,8 @@ def load_state_dict_strict(model: torch.nn.Module, path: str | Path) -> None:
     """Load ``model.safetensors`` into ``model``; any key or shape difference is an error."""
     path = Path(path)
     expected = model.state_dict()
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with reading(path, "save or download the model again"), \
+            safe_open(str(path), framework="pt", device="cpu") as f:
         found = {key: f.get_slice(key).get_shape() for key in f.keys()}  # noqa: SIM118
         missing = sorted(set(expected) - set(found))
         unexpected = sorted(set(found) - set(expected))
@@ -166,8 +230,20 @@ class Cd2pHubMixin(PyTorchModelHubMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any):
         """Load from a saved directory or a Hub id (strictly, on CPU, in eval mode); a missing
-        local-looking path fails at once (:func:`check_local_path`)."""
+        local-looking path fails at once (:func:`check_local_path`), and ``config.json`` is
+        checked before anything is built (:func:`check_model_config`)."""
         check_local_path(pretrained_model_name_or_path)
+        name = str(pretrained_model_name_or_path)
+        if os.path.isdir(name):
+            config_file = os.path.join(name, CONFIG_NAME)
+        else:
+            keep = ("revision", "cache_dir", "force_download", "token", "local_files_only")
+            config_file = hf_hub_download(
+                repo_id=name, filename=CONFIG_NAME, **{k: v for k, v in kwargs.items() if k in keep}
+            )
+        if os.path.isfile(config_file):
+            check_model_config(cls, read_model_config(config_file), config_file)
+        cls._config_file = config_file  # named by construction errors in _from_pretrained
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
@@ -204,7 +280,11 @@ class Cd2pHubMixin(PyTorchModelHubMixin):
                 token=token,
                 local_files_only=local_files_only,
             )
-        model = cls(**model_kwargs)
+        try:
+            model = cls(**model_kwargs)
+        except (TypeError, ValueError, RuntimeError) as exc:  # values no model can be built from
+            where = getattr(cls, "_config_file", None) or model_id
+            raise ValueError(f"{where}: cannot build a {cls.__name__} from it: {exc}") from None
         load_state_dict_strict(model, model_file)
         model.to(map_location)
         model.eval()

@@ -87,10 +87,10 @@ def _read_clipcap_state(path: Path) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        try:
+        from cd2p._reading import reading
+
+        with reading(path, "download or convert the ClipCap weights again"):
             return load_file(str(path), device="cpu")
-        except Exception as exc:  # safetensors raises its own error types for bad headers
-            raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
