@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import click
-from rich.markup import escape
 
+from cd2p._text import styled
 from cd2p.cli._common import EXISTING_DIR, OUTPUT_DIR, console, user_errors
 
 _DEVICE_HELP = "Device for farthest point sampling (cuda is much faster on the full datasets)."
@@ -21,12 +21,14 @@ def _summary(out: Path, limit: int = 20) -> None:
     names = meta.get("class_names") or meta.get("category_names")
     skipped = meta.get("skipped", [])
     for shape in skipped[:limit]:
-        console.print(f"[yellow]skipped[/] {escape(shape['file'])} ({shape['split']} "
-                      f"{escape(shape['id'])}): {escape(shape['reason'])}", soft_wrap=True)
+        console.print(styled("[yellow]skipped[/] {file} ({split} {id}): {reason}",
+                             file=shape["file"], split=shape["split"], id=shape["id"],
+                             reason=shape["reason"]), soft_wrap=True)
     if len(skipped) > limit:
-        console.print(f"[yellow]skipped[/] ... and {len(skipped) - limit} more")
-    left_out = f", [yellow]{len(skipped)} skipped[/] (listed in meta.json)" if skipped else ""
-    console.print(f"[green]prepared[/] {out}: {splits} shapes, {len(names)} classes{left_out}")
+        console.print(styled("[yellow]skipped[/] ... and {n} more", n=len(skipped) - limit))
+    left_out = ", [yellow]{skipped} skipped[/] (listed in meta.json)" if skipped else ""
+    console.print(styled("[green]prepared[/] {out}: {splits} shapes, {classes} classes" + left_out,
+                         out=out, splits=splits, classes=len(names), skipped=len(skipped)))
 
 
 @click.command("modelnet40")

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from cd2p._atomic import atomic_write_text
+from cd2p._reading import reading
 from cd2p.data.common import (
     META_FILE,
     normalize_unit_sphere,
@@ -116,7 +117,8 @@ def load_classification_cache(path: str | Path, split: str) -> ClassificationSpl
     meta = read_cache_meta(path, CACHE_FORMAT)
     if split not in meta["splits"]:
         raise ValueError(f"{path} has no split {split!r}; it holds {', '.join(meta['splits'])}")
-    tensors = load_file(str(path / f"{split}.safetensors"))
+    with reading(path / f"{split}.safetensors", "prepare the data again"):
+        tensors = load_file(str(path / f"{split}.safetensors"))
     labels = tensors["labels"]
     require_items(len(labels), f"{path / split}.safetensors (split {split!r})", "shapes")
     if labels.numel() and (labels.min() < 0 or labels.max() >= len(meta["class_names"])):

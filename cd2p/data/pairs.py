@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from cd2p._reading import reading
 from cd2p.data.common import require_items
 from cd2p.data.scene_jobs import SCENE_STATS_FILE, TMP_PREFIX
 
@@ -202,7 +203,8 @@ class PairDataset(Dataset):
             raise FileNotFoundError(
                 f"teacher targets {path} not found (run `cd2p prepare teacher` for this OUT)"
             )
-        with safe_open(str(path), framework="pt") as handle:
+        with reading(path, "run `cd2p prepare teacher` again"), \
+                safe_open(str(path), framework="pt") as handle:
             if "targets" not in handle.keys():  # noqa: SIM118 (safe_open has no __contains__)
                 raise ValueError(f"{path}: no tensor named 'targets'")
             shape = handle.get_slice("targets").get_shape()

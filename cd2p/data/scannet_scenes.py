@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cd2p._reading import reading
 from cd2p.data import scene_jobs
 from cd2p.data.common import dataset_source, find_non_finite, require_finite
 from cd2p.data.scannet_files import (
@@ -624,7 +625,8 @@ def load_scene(out: str | Path | SceneSplit, scene_id: str) -> dict[str, torch.T
     path = root / "scenes" / scene_id / SCENE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: scene {scene_id!r} is not prepared in {root}")
-    tensors = load_file(str(path))
+    with reading(path, "prepare the scene again"):
+        tensors = load_file(str(path))
     missing = [k for k in _SCENE_KEYS if k not in tensors]
     if missing:
         raise ValueError(f"{path}: lacks tensor(s) {missing}; prepare the scene again")

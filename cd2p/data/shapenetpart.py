@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from cd2p._atomic import atomic_write_text
+from cd2p._reading import reading
 from cd2p.data.common import (
     META_FILE,
     NonFiniteError,
@@ -302,7 +303,10 @@ def load_partseg_cache(path: str | Path, split: str) -> PartSegSplit:
     for name in names:
         if name not in meta["splits"]:
             raise ValueError(f"{path} has no split {name!r}; it holds {', '.join(meta['splits'])}")
-    parts = [load_file(str(path / f"{name}.safetensors")) for name in names]
+    parts = []
+    for name in names:
+        with reading(path / f"{name}.safetensors", "prepare the data again"):
+            parts.append(load_file(str(path / f"{name}.safetensors")))
     for name, part in zip(names, parts, strict=True):
         require_items(len(part["categories"]), f"{path / name}.safetensors (split {name!r})",
                       "shapes")
