@@ -183,7 +183,8 @@ def print_results(results: list[dict], args: argparse.Namespace) -> None:
     for r in results:
         split.add_column(f"{r['depth'][0]}x{r['depth'][1]}: cd2p", justify="right")
         split.add_column(f"{r['depth'][0]}x{r['depth'][1]}: baseline", justify="right")
-    steps = {"read": "read (+ pose check)", "color_decode": "colour decode",
+    steps = {"read": "read (+ pose check)", "color_check": "JPEG check (1/8-scale decode)",
+             "color_decode": "colour decode",
              "depth_decode": "depth decode", "backproject": "back-projection + transform",
              "sampling": "voxel grid + sampling", "pairs": "baseline: all pair geometry",
              "write": "write (datasets)", "other": "other (open, index, report)"}

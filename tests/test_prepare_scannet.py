@@ -236,10 +236,14 @@ def test_skipped_frames_are_never_read_or_decoded(tmp_path: Path, monkeypatch) -
     report = prepare_scannet(root, tmp_path / "out", split="all", frame_skip=2, **SMALL)
     # Considered: 0 2 4 6 8 10; frame 4 has a -inf pose (not read), 6 has no depth.
     assert calls["frame"] == [0, 2, 6, 8, 10]
+    # JPEGs are stored, never decoded to pixels (sens.check_jpeg only verifies them, at 1/8)
     assert calls["depth"] == 5 and calls["jpeg"] == 0
     assert report["frames_in_files"] == 11 and report["frames_considered"] == 6
     assert report["frames_read"] == 5 and report["pairs_written"] == 4
-    assert report["frames_skipped"] == {"invalid_pose": 1, "too_few_valid_depth": 1}
+    assert report["frames_skipped"] == {"invalid_pose": 1, "too_few_valid_depth": 1,
+                                        "damaged_pose": 0, "undecodable_color": 0,
+                                        "non_finite_points": 0}
+    assert report["damaged_frames"] == []  # lost tracking is not damage
     rows = load_rows(tmp_path / "out" / "scenes" / "scene0001_00")
     assert [r["frame_index"] for r in rows] == [0, 2, 8, 10]
     saved = json.loads((tmp_path / "out" / "prepare_report.json").read_text())

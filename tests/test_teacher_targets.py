@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from cd2p.cli import main
 from cd2p.data.pairs import PairDataset
-from cd2p.data.scannet_pairs import pair_features
+from cd2p.data.scannet_pairs import images_digest, pair_features
 from cd2p.data.teacher_targets import plan_teacher_targets, prepare_teacher_targets
 from cd2p.models.teacher import ClipCapMapper, Teacher
 
@@ -84,8 +84,10 @@ def check_scene(root, teacher: Teacher, scene: str, images: list[bytes]) -> None
     stored, metadata = read_targets(root / "targets" / teacher.target / f"{scene}.safetensors")
     assert stored.dtype == torch.float16
     assert stored.shape == (len(images), *teacher.target_shape)
+    # images_sha256: the targets remember the JPEGs (in row order) they were computed from
     assert metadata == {"teacher": teacher.description,
-                        "random_teacher": str(teacher.is_random).lower()}
+                        "random_teacher": str(teacher.is_random).lower(),
+                        "images_sha256": images_digest(images)}
     expected = expected_targets(teacher, images)
     torch.testing.assert_close(stored.float(), expected.half().float(), rtol=2e-3, atol=2e-3)
 

@@ -8,6 +8,7 @@ from typing import Any
 import click
 from rich.table import Table
 
+from cd2p._text import styled
 from cd2p.cli._common import (
     EXISTING_DIR,
     EXISTING_FILE,
@@ -61,11 +62,14 @@ def scannet(root: Path, out: Path, frame_skip: int, num_points: int, split: str,
 
     Every --frame-skip-th frame becomes one pair: the colour JPEG as stored in the .sens, and
     the depth back-projected to a gravity-aligned, centred cloud of --points points. Frames
-    with an invalid pose or too little depth are skipped and counted.
+    with a lost-tracking pose or too little depth are skipped and counted; damaged frames (a
+    NaN or absurd pose, a colour payload that is not a whole JPEG, points that come out
+    non-finite) are skipped, counted and listed with their .sens file and frame index.
 
     \b
     OUT/scenes/<scene_id>/   one Hugging Face dataset per scene (datasets.load_from_disk)
-    OUT/prepare_report.json  scenes, frames read, pairs, skips by reason, errors, speed
+    OUT/prepare_report.json  scenes, frames read, pairs, skips by reason, damaged frames,
+                             errors, speed
 
     Re-running the same command resumes: finished scenes are kept, half-written ones redone.
     Scenes with missing or corrupt files are skipped, listed in the report, and make the
@@ -82,14 +86,28 @@ def scannet(root: Path, out: Path, frame_skip: int, num_points: int, split: str,
         seed=seed, progress=True,
     )
     console.print(summary_table(report))
+    print_damaged_frames(report["damaged_frames"])
     console.print(f"report: {out / report_name(shard_index)}")
     if report["errors"]:
         for error in report["errors"]:
-            console.print(f"[red]failed[/] {error['scene']}: {error['error']}")
+            console.print(styled("[red]failed[/] {scene}: {error}", scene=error["scene"],
+                                 error=error["error"]), soft_wrap=True)
         raise Cd2pError(
             f"{len(report['errors'])} scene(s) failed (listed above and in the report); "
             "the other scenes are complete, fix the files and re-run to add them"
         )
+
+
+def print_damaged_frames(frames: list[dict[str, Any]], limit: int = 20) -> None:
+    """One line per damaged frame (the first ``limit``; the report lists them all)."""
+    for frame in frames[:limit]:
+        console.print(styled("[yellow]skipped[/] {file} frame {frame}: {reason}: {detail}",
+                             file=frame["file"], frame=frame["frame"],
+                             reason=frame["reason"].replace("_", " "), detail=frame["detail"]),
+                      soft_wrap=True)
+    if len(frames) > limit:
+        console.print(styled("[yellow]skipped[/] ... and {n} more damaged frames (listed under "
+                             "damaged_frames in the report)", n=len(frames) - limit))
 
 
 def summary_table(report: dict[str, Any]) -> Table:
@@ -101,7 +119,8 @@ def summary_table(report: dict[str, Any]) -> Table:
     table.add_row("scenes", str(scenes["total"]))
     table.add_row("  prepared now", str(scenes["prepared"]))
     table.add_row("  already done (resumed)", str(scenes["resumed"]))
-    table.add_row("  failed", f"[red]{scenes['failed']}[/]" if scenes["failed"] else "0")
+    failed = scenes["failed"]
+    table.add_row("  failed", styled("[red]{n}[/]", n=failed) if failed else "0")
     table.add_row("frames in files", str(report["frames_in_files"]))
     table.add_row("frames considered (skip)", str(report["frames_considered"]))
     table.add_row("frames read", str(report["frames_read"]))
@@ -170,7 +189,8 @@ def scannet_scenes(root: Path, out: Path, labels: Path | None, split: str,
     console.print(f"report: {out / report_name(shard_index)}")
     if report["errors"]:
         for error in report["errors"]:
-            console.print(f"[red]failed[/] {error['scene']}: {error['error']}")
+            console.print(styled("[red]failed[/] {scene}: {error}", scene=error["scene"],
+                                 error=error["error"]), soft_wrap=True)
         raise Cd2pError(
             f"{len(report['errors'])} scene(s) failed (listed above and in the report); "
             "the other scenes are complete, fix the files and re-run to add them"
@@ -186,11 +206,13 @@ def scenes_summary_table(report: dict[str, Any], top_classes: int = 5) -> Table:
     table.add_row("scenes", str(scenes["total"]))
     table.add_row("  prepared now", str(scenes["prepared"]))
     table.add_row("  already done (resumed)", str(scenes["resumed"]))
-    table.add_row("  failed", f"[red]{scenes['failed']}[/]" if scenes["failed"] else "0")
+    failed = scenes["failed"]
+    table.add_row("  failed", styled("[red]{n}[/]", n=failed) if failed else "0")
     splits = ", ".join(f"{name} {count}" for name, count in report["scene_splits"].items())
     table.add_row("  by split", splits or "-")
     unaligned = len(report["scenes_without_axis_alignment"])
-    table.add_row("  without axisAlignment", f"[yellow]{unaligned}[/]" if unaligned else "0")
+    table.add_row("  without axisAlignment",
+                  styled("[yellow]{n}[/]", n=unaligned) if unaligned else "0")
     table.add_row("vertices", f"{report['vertices']:,}")
     fraction = report["labelled_fraction"]
     table.add_row("  labelled (20 classes)", "-" if fraction is None else f"{fraction:.1%}")
@@ -204,7 +226,8 @@ def scenes_summary_table(report: dict[str, Any], top_classes: int = 5) -> Table:
         rest = sum(count for count, _ in ranked[top_classes:])
         table.add_row(f"  {len(ranked) - top_classes} other classes", str(rest))
     if report["warnings"]:
-        table.add_row("warnings", f"[yellow]{len(report['warnings'])}[/] (see the report)")
+        table.add_row("warnings", styled("[yellow]{n}[/] (see the report)",
+                                         n=len(report["warnings"])))
     table.add_row("seconds", f"{report['seconds']:.1f}")
     return table
 

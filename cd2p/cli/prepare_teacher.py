@@ -20,6 +20,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from cd2p._text import styled
 from cd2p.cli._common import (
     EXISTING_DIR,
     EXISTING_FILE,
@@ -101,7 +102,9 @@ def teacher(
     """Compute the frozen teacher's targets for every pair under PAIRS (one or more outputs of
     `cd2p prepare scannet`) and store them as PAIRS/targets/<target>/<scene_id>.safetensors.
 
-    Resumable: scenes whose targets are complete are skipped.
+    Resumable: scenes whose targets are complete are skipped. Targets remember the images
+    they were computed from (images_sha256): a scene prepared again with other frames is
+    recomputed, and so, once, are targets written before cd2p stored that digest.
     """
     from cd2p.data.teacher_targets import (
         parse_targets,
@@ -139,15 +142,24 @@ def teacher(
         pairs, model, overwrite=overwrite, shard=shard_range, targets=targets
     )
     shapes = " + ".join(f"{name} {target_shape(name)}" for name in targets)
-    console.print(f"[bold]teacher[/]  {model.description}")
-    console.print(
-        f"[bold]target[/]   {shapes}, float16   [bold]device[/] "
-        f"{torch_device}   [bold]batch[/] {batch_size}   [bold]workers[/] {workers}"
-    )
-    console.print(
-        f"[bold]scenes[/]   {len(plan.to_compute)} to compute ({plan.images} images), "
-        f"{len(plan.done)} already done"
-    )
+    console.print(styled("[bold]teacher[/]  {text}", text=model.description))
+    console.print(styled(
+        "[bold]target[/]   {shapes}, float16   [bold]device[/] {device}   [bold]batch[/] "
+        "{batch}   [bold]workers[/] {workers}", shapes=shapes, device=torch_device,
+        batch=batch_size, workers=workers,
+    ))
+    console.print(styled(
+        "[bold]scenes[/]   {todo} to compute ({images} images), {done} already done",
+        todo=len(plan.to_compute), images=plan.images, done=len(plan.done),
+    ))
+    if plan.outdated:
+        reasons: dict[str, int] = {}
+        for why in plan.outdated.values():
+            reasons[why] = reasons.get(why, 0) + 1
+        for why, count in sorted(reasons.items()):
+            verb = "were" if why.startswith("computed") else "have"
+            console.print(styled("[yellow]recomputed[/] {count} scene(s) whose targets {verb} "
+                                 "{why}", count=count, verb=verb, why=why), soft_wrap=True)
 
     progress = Progress(
         TextColumn("[bold]teacher"),

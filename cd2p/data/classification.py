@@ -4,8 +4,10 @@ N-way K-shot episodes.
 
 Layout::
 
-    OUT/meta.json                 format, source, class names, and per split the shape ids
-    OUT/<split>.safetensors       points (S, P, 3) float32, labels (S,) int64
+    OUT/meta.json                 format, source, class names, per split the shape ids, and
+                                  ``skipped``: the shapes left out (file, reason), e.g. for
+                                  NaN / inf coordinates
+    OUT/<split>.safetensors       points (S, P, 3) float32 (all finite), labels (S,) int64
 
 Every cloud is stored in farthest-point-sampling order, so that its first ``k`` points are
 themselves an FPS sample of ``k`` points (see :mod:`cd2p.data.modelnet40`).
@@ -27,7 +29,14 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from cd2p._atomic import atomic_write_text
-from cd2p.data.common import META_FILE, normalize_unit_sphere, read_cache_meta
+from cd2p._reading import reading
+from cd2p.data.common import (
+    META_FILE,
+    normalize_unit_sphere,
+    read_cache_meta,
+    require_finite,
+    require_items,
+)
 
 CACHE_FORMAT = "cd2p-classification"
 CACHE_VERSION = 1
@@ -60,10 +69,13 @@ def save_classification_cache(
     class_names: Sequence[str],
     splits: Mapping[str, tuple[list[str], np.ndarray, np.ndarray]],
     extra: Mapping[str, object] | None = None,
+    skipped: Sequence[Mapping[str, object]] = (),
 ) -> None:
     """Write a cache into the (already staged) directory ``out``.
 
-    ``splits[name] = (shape_ids, points (S, P, 3), labels (S,))``.
+    ``splits[name] = (shape_ids, points (S, P, 3), labels (S,))``; ``skipped`` lists the
+    shapes the preparer left out (``{"split", "id", "file", "reason"}``), stored in
+    ``meta.json``. An empty split or a non-finite point is refused (nothing is written).
     """
     meta: dict[str, object] = {
         "format": CACHE_FORMAT,
@@ -71,15 +83,21 @@ def save_classification_cache(
         "source": source,
         "class_names": list(class_names),
         "splits": {},
+        "skipped": [dict(item) for item in skipped],
         **(extra or {}),
     }
     for split, (ids, points, labels) in splits.items():
+        file = out / f"{split}.safetensors"
+        require_items(len(ids), f"{file.name} ({source}, split {split!r})", "shapes")
+        # The last guard: the preparers skip shapes with non-finite values where they read
+        # them; nothing that slipped past may reach the cache.
+        require_finite(points, f"{file.name} ({source}, split {split!r})")
         save_file(
             {
                 "points": torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)),
                 "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64)),
             },
-            str(out / f"{split}.safetensors"),
+            str(file),
         )
         meta["splits"][split] = {
             "count": len(ids),
@@ -90,13 +108,19 @@ def save_classification_cache(
 
 
 def load_classification_cache(path: str | Path, split: str) -> ClassificationSplit:
-    """Load one split (``train``, ``test``) of a prepared classification dataset."""
+    """Load one split (``train``, ``test``) of a prepared classification dataset.
+
+    A split with no shapes is an error naming its file (training or evaluating on it would
+    fail later, or report numbers over nothing).
+    """
     path = Path(path)
     meta = read_cache_meta(path, CACHE_FORMAT)
     if split not in meta["splits"]:
         raise ValueError(f"{path} has no split {split!r}; it holds {', '.join(meta['splits'])}")
-    tensors = load_file(str(path / f"{split}.safetensors"))
+    with reading(path / f"{split}.safetensors", "prepare the data again"):
+        tensors = load_file(str(path / f"{split}.safetensors"))
     labels = tensors["labels"]
+    require_items(len(labels), f"{path / split}.safetensors (split {split!r})", "shapes")
     if labels.numel() and (labels.min() < 0 or labels.max() >= len(meta["class_names"])):
         raise ValueError(
             f"{path / split}.safetensors: labels outside the {len(meta['class_names'])} classes"
@@ -113,6 +137,7 @@ def load_classification_cache(path: str | Path, split: str) -> ClassificationSpl
 def stack_normalized(clouds: Sequence[np.ndarray], where: str) -> np.ndarray:
     # Normalise each cloud, then stack; a cloud with fewer points than the others cannot be
     # batched, so it is padded by repeating its own points (FPS order is kept for the rest).
+    require_items(len(clouds), where, "shapes")
     target = max(len(c) for c in clouds)
     out = np.empty((len(clouds), target, 3), dtype=np.float32)
     for i, cloud in enumerate(clouds):

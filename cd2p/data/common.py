@@ -1,6 +1,8 @@
 """Helpers shared by the dataset preparers: progress bars, staged output directories, the
-unit-sphere normalisation, FPS ordering, plain-text readers, and the ``meta.json`` of the
-prepared caches."""
+unit-sphere normalisation, FPS ordering, plain-text readers, the ``meta.json`` of the
+prepared caches, and the finiteness check every preparer applies (:func:`find_non_finite`,
+:func:`require_finite`): where an array is produced, a non-finite value makes the frame or
+shape skipped (and reported), and before anything is written it is refused outright."""
 
 from __future__ import annotations
 
@@ -8,18 +10,81 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cd2p._atomic import atomic_directory
-from cd2p.ops import farthest_point_sample
 
 META_FILE = "meta.json"
 # Written by the synthetic generators next to the files: the cache's source becomes
 # "synthetic-<format>", so that no card or report calls synthetic shapes ModelNet40.
 SYNTHETIC_MARKER = "cd2p_synthetic.json"
+
+
+class NonFiniteError(ValueError):
+    """An array holds NaN or infinity; the message names where it came from (file, frame,
+    shape). A ``ValueError``, so that the CLI prints it as a user error."""
+
+
+def find_non_finite(array: Any) -> str | None:
+    """``None`` when every value of ``array`` (numpy or a CPU torch tensor) is finite, else
+    what is wrong, e.g. ``"3 of 12288 values are not finite (nan, +inf)"``.
+
+    The one finiteness test of the preparers: they call it where arrays are produced (a
+    frame's points, a shape's coordinates) to skip and report the item, and
+    :func:`require_finite` calls it as the last guard before a file is written.
+    """
+    values = np.asarray(array)
+    if values.dtype.kind not in "fc":  # integers and booleans are always finite
+        return None
+    finite = np.isfinite(values)
+    if finite.all():
+        return None
+    bad = values[~finite]
+    kinds = [name for name, hit in (("nan", np.isnan(bad).any()),
+                                    ("+inf", np.isposinf(bad).any()),
+                                    ("-inf", np.isneginf(bad).any())) if hit]
+    return f"{bad.size} of {values.size} values are not finite ({', '.join(kinds)})"
+
+
+def require_finite(array: Any, where: str) -> Any:
+    """``array`` unchanged when all finite, else :class:`NonFiniteError` naming ``where``.
+
+    The final guard before anything is written: the checks where arrays are produced should
+    have skipped the item already, so reaching it means a bug or a case they do not cover;
+    either way nothing non-finite reaches a prepared file.
+    """
+    problem = find_non_finite(array)
+    if problem is not None:
+        raise NonFiniteError(f"{where}: {problem}; refusing to write non-finite values")
+    return array
+
+
+class EmptySplitError(ValueError):
+    """A split (or a whole root) with nothing in it: a preparer would write, or a loader hand
+    to training, an empty dataset. The message names the file or split."""
+
+
+def require_items(count: int, where: str, what: str) -> int:
+    """``count`` when at least 1, else :class:`EmptySplitError` ``"<where>: no <what>"``.
+
+    Used by every preparer before it writes a split and by the loaders of prepared splits, so
+    that an empty split is one clear error instead of an empty success or a crash later.
+    """
+    if count < 1:
+        raise EmptySplitError(f"{where}: no {what}")
+    return count
+
+
+def skipped_shape(split: str, shape_id: str, file: str | Path, error: Exception
+                  ) -> dict[str, str]:
+    """The record of a shape a preparer left out (``meta.json``'s ``skipped``): ``split``,
+    ``id``, ``file`` and ``reason`` (the error without the file name it starts with)."""
+    reason = str(error)
+    return {"split": split, "id": shape_id, "file": str(file),
+            "reason": reason.removeprefix(f"{file}: ")}
 
 
 def dataset_source(root: str | Path, name: str) -> str:
@@ -56,9 +121,15 @@ def staged_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
 
 
 def normalize_unit_sphere(points: np.ndarray) -> np.ndarray:
-    """Centre ``(N, 3)`` points at their centroid and scale the farthest to radius 1."""
-    centred = points - points.mean(0, keepdims=True)
-    radius = float(np.sqrt((centred**2).sum(1)).max())
+    """Centre ``(N, 3)`` points at their centroid and scale the farthest to radius 1.
+
+    The centroid and the radius are computed in float64: coordinates that are finite but
+    huge (a damaged file's 3e38) overflow float32 sums and squares into inf and NaN, while in
+    float64 they normalise to finite values.
+    """
+    centred = np.asarray(points, dtype=np.float64)
+    centred = centred - centred.mean(0, keepdims=True)
+    radius = float(np.sqrt((centred**2).sum(1)).max()) if len(centred) else 0.0
     return (centred / radius if radius > 0 else centred).astype(np.float32)
 
 
@@ -71,6 +142,12 @@ def fps_order(
 ) -> list[np.ndarray]:
     """Farthest-point-sample every ``(N_i, 3)`` cloud to ``min(num_points, N_i)`` points, in FPS
     order. Clouds of equal size are batched together, ``batch_size`` at a time."""
+    # Imported here: the ScanNet preparers' worker processes use this module's finiteness
+    # check and need not pay for importing torch.
+    import torch
+
+    from cd2p.ops import farthest_point_sample
+
     out: list[np.ndarray | None] = [None] * len(clouds)
     by_size: dict[int, list[int]] = {}
     for i, cloud in enumerate(clouds):
@@ -104,6 +181,11 @@ def read_shape_txt(path: str | Path, columns: int = 6) -> np.ndarray:
         raise ValueError(
             f"{path}: expected {columns} numbers a line, got {values.size} numbers in all"
         )
+    # numpy parses "nan" and "inf" as numbers: refuse them here, where the array is made, so
+    # that the preparers can skip the shape and report the file.
+    problem = find_non_finite(values)
+    if problem is not None:
+        raise NonFiniteError(f"{path}: {problem}")
     return values.reshape(-1, columns)
 
 
@@ -135,12 +217,18 @@ def read_cache_meta(path: str | Path, expected_format: str) -> dict:
 __all__ = [
     "META_FILE",
     "SYNTHETIC_MARKER",
+    "EmptySplitError",
+    "NonFiniteError",
     "dataset_source",
+    "find_non_finite",
     "fps_order",
     "normalize_unit_sphere",
     "progress_bar",
     "read_cache_meta",
     "read_lines",
     "read_shape_txt",
+    "require_finite",
+    "require_items",
+    "skipped_shape",
     "staged_directory",
 ]

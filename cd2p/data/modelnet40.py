@@ -13,8 +13,13 @@ A shape id is ``<class>_<4 digits>`` and the class may itself hold underscores
 
 The **classification cache** (``cd2p prepare modelnet40 ROOT OUT``) parses the text once::
 
-    OUT/meta.json                 format, source, class names, and per split the shape ids
+    OUT/meta.json                 format, source, class names, per split the shape ids, and
+                                  ``skipped``: shapes left out (their file and why)
     OUT/<split>.safetensors       points (S, P, 3) float32, labels (S,) int64
+
+A shape file holding ``nan`` or ``inf`` (numpy parses both as numbers) is skipped, listed under
+``skipped`` in ``meta.json`` and printed by the command; a split left with no shape is an
+error naming its list file.
 
 Each cloud is reduced by farthest point sampling to ``P`` points and stored **in FPS order**,
 so that its first ``k`` points are themselves an FPS sample of ``k`` points: a loader gets the
@@ -36,11 +41,14 @@ import numpy as np
 from cd2p._atomic import atomic_write_text
 from cd2p.data.classification import save_classification_cache, stack_normalized
 from cd2p.data.common import (
+    NonFiniteError,
     dataset_source,
     fps_order,
     progress_bar,
     read_lines,
     read_shape_txt,
+    require_items,
+    skipped_shape,
     staged_directory,
 )
 
@@ -129,19 +137,29 @@ def prepare_modelnet40(
     """Parse ``modelnet40_normal_resampled`` once into a classification cache at ``out``.
 
     Every shape is reduced to ``num_points`` points by FPS (kept in FPS order) and normalised
-    into the unit sphere; normals are dropped (the backbone reads xyz only).
+    into the unit sphere; normals are dropped (the backbone reads xyz only). A shape file with
+    non-finite numbers is skipped and listed under ``skipped`` in ``meta.json``.
     """
     out = Path(out)
     indices = {split: read_modelnet40_index(root, split) for split in MODELNET_SPLITS}
     names = indices["train"][0]
+    skipped: list[dict[str, str]] = []
     with staged_directory(out, overwrite) as tmp, progress_bar(show_progress) as bar:
         splits = {}
-        for split, (_, shapes) in indices.items():
-            task = bar.add_task(f"read {split}", total=len(shapes))
-            clouds = []
-            for _, _, file in shapes:
-                clouds.append(read_shape_txt(file)[:, :3])
+        for split, (_, listed) in indices.items():
+            task = bar.add_task(f"read {split}", total=len(listed))
+            clouds, shapes = [], []
+            for shape in listed:
+                try:
+                    clouds.append(read_shape_txt(shape[2])[:, :3])
+                    shapes.append(shape)
+                except NonFiniteError as exc:
+                    # One damaged shape file must not poison the cache or stop the run.
+                    skipped.append(skipped_shape(split, shape[0], shape[2], exc))
                 bar.advance(task)
+            list_file = Path(root) / SPLIT_FILE.format(split=split)
+            what = "shapes" if not listed else f"usable shapes (all {len(listed)} skipped)"
+            require_items(len(shapes), f"{list_file} (ModelNet40 {split})", what)
             task = bar.add_task(f"fps {split}", total=len(shapes))
             sampled = fps_order(
                 clouds, num_points, device, on_batch=lambda n, t=task: bar.advance(t, n)
@@ -152,7 +170,8 @@ def prepare_modelnet40(
                 np.array([s[1] for s in shapes], dtype=np.int64),
             )
         source = dataset_source(root, "modelnet40")
-        save_classification_cache(tmp, source, names, splits, {"fps_points": num_points})
+        save_classification_cache(tmp, source, names, splits, {"fps_points": num_points},
+                                  skipped=skipped)
     return out
 
 

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from cd2p._reading import reading
+from cd2p.data.common import require_items
 from cd2p.data.scene_jobs import SCENE_STATS_FILE, TMP_PREFIX
 
 DATASET_STATE_FILE = "state.json"  # written last by datasets' save_to_disk
@@ -67,6 +69,14 @@ def _scene_rows(path: Path) -> int:
     from datasets import load_from_disk
 
     return len(load_from_disk(str(path)))
+
+
+def _scene_images_sha256(path: Path) -> str | None:
+    """The digest of a scene's JPEGs recorded by ``prepare scannet`` (None for older scenes)."""
+    stats = path / SCENE_STATS_FILE
+    if not stats.is_file():
+        return None
+    return json.loads(stats.read_text(encoding="utf-8")).get("images_sha256")
 
 
 def target_file(scene_dir: Path, name: str) -> Path:
@@ -129,6 +139,8 @@ class PairDataset(Dataset):
     scene are read with one Arrow ``take`` and one slice per target, about 2.4x cheaper per
     pair than row by row (``benchmarks/pretrain.py``).
 
+    Roots without any pair are an error naming them.
+
     Only paths and row counts are held until the first item is read; datasets (memory-mapped
     Arrow files) and target files are then opened lazily in each process, so the object is
     cheap to send to DataLoader workers, with fork or spawn.
@@ -147,6 +159,10 @@ class PairDataset(Dataset):
         self.offsets = [0]
         for count in self.rows:
             self.offsets.append(self.offsets[-1] + count)
+        # Training or captioning nothing would fail later with a less useful message.
+        where = ", ".join(str(r) for r in _as_roots(roots))
+        require_items(len(self.scene_paths), where, "prepared scenes (OUT/scenes/<scene_id>/)")
+        require_items(self.offsets[-1], where, f"pairs in its {len(self.scene_paths)} scene(s)")
         names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
         self.targets: tuple[str, ...] = names
         self.target = names[0] if names else None
@@ -155,8 +171,8 @@ class PairDataset(Dataset):
         self.paths_of_target: dict[str, list[Path]] = {}
         for name in names:
             paths = [target_file(p, name) for p in self.scene_paths]
-            for path, rows in zip(paths, self.rows, strict=True):
-                self._check_targets(path, rows)
+            for path, rows, scene in zip(paths, self.rows, self.scene_paths, strict=True):
+                self._check_targets(path, rows, scene)
             self.paths_of_target[name] = paths
         self.target_paths: list[Path] = self.paths_of_target.get(self.target, [])
         self._reset()
@@ -178,21 +194,33 @@ class PairDataset(Dataset):
         return state
 
     @staticmethod
-    def _check_targets(path: Path, rows: int) -> None:
+    def _check_targets(path: Path, rows: int, scene: Path) -> None:
+        """The targets file exists, holds one row per pair and, when both record the digest of
+        the scene's JPEGs, was computed from the images the scene holds now."""
         from safetensors import safe_open
 
         if not path.is_file():
             raise FileNotFoundError(
                 f"teacher targets {path} not found (run `cd2p prepare teacher` for this OUT)"
             )
-        with safe_open(str(path), framework="pt") as handle:
+        with reading(path, "run `cd2p prepare teacher` again"), \
+                safe_open(str(path), framework="pt") as handle:
             if "targets" not in handle.keys():  # noqa: SIM118 (safe_open has no __contains__)
                 raise ValueError(f"{path}: no tensor named 'targets'")
             shape = handle.get_slice("targets").get_shape()
+            computed_from = (handle.metadata() or {}).get("images_sha256")
         if len(shape) != 3 or shape[0] != rows:
             raise ValueError(
                 f"{path}: targets have shape {tuple(shape)}, expected ({rows}, T, C) "
                 "for the scene's rows"
+            )
+        now = _scene_images_sha256(scene)
+        if computed_from and now and computed_from != now:
+            # Same row count, other frames: training would pair points with another image's
+            # targets without any other sign.
+            raise ValueError(
+                f"{path}: computed from other images than {scene} holds now (the scene was "
+                f"prepared again); run `cd2p prepare teacher {scene.parent.parent}` again"
             )
 
     def _scene(self, scene: int) -> Any:

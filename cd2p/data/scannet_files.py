@@ -306,14 +306,21 @@ def read_scene_meta(path: str | Path) -> dict[str, str]:
 def axis_alignment(meta: Mapping[str, str], source: str = "<scene>.txt") -> np.ndarray:
     """The ``axisAlignment`` matrix (raw scan -> gravity/axis-aligned), ``np.float64 (4, 4)``.
 
-    Identity when absent (ScanNet's test scenes have none).
+    Identity when absent (ScanNet's test scenes have none). A matrix with NaN or infinity is
+    refused here, where it is read, so that no preparer moves a scan by it.
     """
     if "axisAlignment" not in meta:
         return np.eye(4)
     values = meta["axisAlignment"].split()
     if len(values) != 16:
         raise ValueError(f"{source}: axisAlignment has {len(values)} numbers, expected 16")
-    return np.asarray([float(v) for v in values]).reshape(4, 4)
+    try:
+        matrix = np.asarray([float(v) for v in values]).reshape(4, 4)
+    except ValueError:
+        raise ValueError(f"{source}: axisAlignment holds a value that is not a number") from None
+    if not np.isfinite(matrix).all():
+        raise ValueError(f"{source}: axisAlignment holds non-finite numbers")
+    return matrix
 
 
 # --------------------------------------------------------------------------- splits, label table

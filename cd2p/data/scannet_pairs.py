@@ -17,13 +17,26 @@ away weighs as much as a chair 1 m away), then draw exactly ``num_points`` of th
 occupied). The generator is seeded from ``(seed, scene_id, frame_index)``, so the output does
 not depend on ``--workers``, ``--shard`` or resuming.
 
+Damaged data never reaches a pair. A considered frame is skipped and counted under a reason
+(:data:`SKIP_REASONS`): ``invalid_pose`` (ScanNet's -inf "tracking lost" pose),
+``damaged_pose`` (NaN / +inf entries, not a rigid transform, or a translation beyond
+:data:`MAX_POSE_TRANSLATION`: a finite but absurd 3e38 would overflow into inf and NaN),
+``undecodable_color`` (the colour payload is not a whole JPEG, see
+:func:`cd2p.data.sens.check_jpeg`), ``too_few_valid_depth``, and ``non_finite_points`` (the
+frame's points came out non-finite all the same). The damaged ones (:data:`DAMAGE_REASONS`)
+are also listed one by one, with the ``.sens`` file and the frame index, in the report's
+``damaged_frames``. Non-finite intrinsics, or intrinsics so extreme that back-projecting
+``max_depth`` overflows, refuse the whole file (a scene error). Before a scene is written
+every float column is checked once more (:func:`cd2p.data.common.require_finite`).
+
 Layout of ``OUT`` (see :mod:`cd2p.data.pairs` for reading it)::
 
     OUT/prepare_config.json                 settings; a resumed run must use the same ones
     OUT/prepare_report.json                 (prepare_report.shard-I-of-N.json for shards)
     OUT/scenes/<scene_id>/                  one ``datasets`` dataset per scene (save_to_disk)
-    OUT/scenes/<scene_id>/cd2p_scene.json   per-scene statistics
-    OUT/scenes/.tmp-<scene_id>/             a scene being written (renamed when complete)
+    OUT/scenes/<scene_id>/cd2p_scene.json   per-scene statistics (with ``images_sha256``,
+                                            the digest of the scene's JPEGs: images_digest)
+    OUT/scenes/.tmp-<scene_id>.<pid>-<random>/   a scene being written (renamed when complete)
 """
 
 from __future__ import annotations
@@ -31,10 +44,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import hashlib
 import math
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,12 +56,21 @@ from typing import Any
 import numpy as np
 
 from cd2p.data import scene_jobs
+from cd2p.data.common import find_non_finite, require_finite
 from cd2p.data.scannet_files import axis_alignment, read_scene_meta
-from cd2p.data.scene_jobs import shard_scenes
 
 FORMAT_VERSION = 1
-SKIP_REASONS = ("invalid_pose", "too_few_valid_depth")
-TIMING_KEYS = ("read", "depth_decode", "backproject", "sampling", "write")
+SKIP_REASONS = ("invalid_pose", "too_few_valid_depth", "damaged_pose", "undecodable_color",
+                "non_finite_points")
+# Reasons that mean damaged data (not a normal property of a scan): listed frame by frame.
+DAMAGE_REASONS = ("damaged_pose", "undecodable_color", "non_finite_points")
+TIMING_KEYS = ("read", "color_check", "depth_decode", "backproject", "sampling", "write")
+# A camera further than this from the scan's origin (metres) is a damaged pose: ScanNet's
+# scenes span tens of metres, and a huge finite value (3e38) would turn every point into the
+# same float32 number or overflow into inf.
+MAX_POSE_TRANSLATION = 1e4
+# How far R R^T may be from the identity for a rigid pose (float32 poses are ~1e-6 away).
+_ROTATION_TOLERANCE = 1e-2
 JPEG = 2  # .sens colour compression code for JPEG
 # Errors that mean "this scene's files are bad", recorded in the report instead of stopping
 # a run over 1500 scans; anything else is a bug and stops the run.
@@ -233,11 +256,70 @@ def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def pose_is_valid(pose: np.ndarray) -> bool:
-    """A usable camera-to-world pose: all finite (ScanNet marks lost tracking with -inf) and a
-    rigid-transform bottom row."""
+def pose_problem(pose: np.ndarray) -> tuple[str, str] | None:
+    """``None`` for a usable camera-to-world pose, else ``(skip reason, what is wrong)``.
+
+    ``invalid_pose``: ScanNet's "tracking lost" marker (non-finite entries, all -inf), a
+    normal part of a scan. ``damaged_pose``: NaN or +inf entries, a bottom row other than
+    ``(0, 0, 0, 1)``, a rotation block that is not orthonormal, or a translation beyond
+    :data:`MAX_POSE_TRANSLATION` (finite but absurd values such as 3e38 overflow into inf and
+    NaN once multiplied). Computed in float64, where even 3e38 squared is finite.
+    """
     pose = np.asarray(pose, dtype=np.float64)
-    return bool(np.isfinite(pose).all() and np.allclose(pose[3], (0.0, 0.0, 0.0, 1.0)))
+    if pose.shape != (4, 4):
+        return "damaged_pose", f"pose of shape {pose.shape}, not (4, 4)"
+    finite = np.isfinite(pose)
+    if not finite.all():
+        if np.isneginf(pose[~finite]).all():
+            return "invalid_pose", "tracking lost (-inf pose)"
+        return "damaged_pose", f"pose: {find_non_finite(pose)}"
+    if not np.allclose(pose[3], (0.0, 0.0, 0.0, 1.0)):
+        return "damaged_pose", f"pose bottom row {pose[3].tolist()} is not (0, 0, 0, 1)"
+    rotation = pose[:3, :3]
+    error = float(np.abs(rotation @ rotation.T - np.eye(3)).max())
+    if not error <= _ROTATION_TOLERANCE:
+        return "damaged_pose", f"pose rotation is not orthonormal (|R R^T - I| = {error:.3g})"
+    distance = float(np.abs(pose[:3, 3]).max())
+    if not distance <= MAX_POSE_TRANSLATION:
+        return "damaged_pose", (f"pose translation {distance:.3g} m is beyond "
+                                f"{MAX_POSE_TRANSLATION:g} m")
+    return None
+
+
+def pose_is_valid(pose: np.ndarray) -> bool:
+    """A usable camera-to-world pose (see :func:`pose_problem`)."""
+    return pose_problem(pose) is None
+
+
+def check_intrinsics(header: Any, max_depth: float, where: str) -> None:
+    """Refuse a ``.sens`` whose intrinsics would make every frame non-finite: non-finite
+    colour or depth intrinsics (both are stored with each pair), or depth intrinsics so
+    extreme that back-projecting ``max_depth`` overflows float32. A whole-file problem, so a
+    ``ValueError`` naming ``where`` (the scene is reported as failed), not a skip per frame.
+    Back-projection is linear in depth: if the deepest valid pixel stays finite, all do."""
+    for name in ("intrinsic_color", "intrinsic_depth"):
+        problem = find_non_finite(getattr(header, name))
+        if problem is not None:
+            raise ValueError(f"{where}: {name.replace('_', ' ')}: {problem}")
+    deepest = np.full((header.depth_height, header.depth_width), max_depth, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        rays = backproject_depth(deepest, header.intrinsic_depth)
+    problem = find_non_finite(rays)
+    if problem is not None:
+        k = np.asarray(header.intrinsic_depth)[:3, :3].tolist()
+        raise ValueError(f"{where}: depth intrinsics {k} back-project {max_depth} m to "
+                         f"non-finite points ({problem})")
+
+
+def images_digest(images: Iterable[bytes]) -> str:
+    """sha256 of a scene's JPEGs in row order (each prefixed with its length, so that the
+    boundaries count): stored as ``images_sha256`` in ``cd2p_scene.json``, and with the teacher
+    targets so that targets computed from other images are never reused."""
+    digest = hashlib.sha256()
+    for data in images:
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def frame_rng(seed: int, scene_id: str, frame_index: int) -> np.random.Generator:
@@ -274,6 +356,9 @@ class SceneStats:
     pairs: int = 0
     payload_bytes_read: int = 0
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    # The frames skipped for a DAMAGE_REASONS reason: {"frame", "reason", "detail"}.
+    damaged_frames: list[dict[str, Any]] = field(default_factory=list)
+    images_sha256: str | None = None
     axis_aligned: bool = False
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
@@ -340,7 +425,7 @@ def prepare_scene(root: str | Path, scene_id: str, scenes_dir: str | Path,
 def _scene_pairs(sens_path: Path, scene_id: str, settings: PrepareSettings,
                  stats: SceneStats) -> dict[str, Any]:
     """Read the kept frames of one scene into in-memory columns (a scene is ~100 pairs)."""
-    from cd2p.data.sens import SensReader
+    from cd2p.data.sens import SensReader, check_jpeg
 
     if not sens_path.is_file():
         raise FileNotFoundError(f"{sens_path}: file not found")
@@ -353,6 +438,12 @@ def _scene_pairs(sens_path: Path, scene_id: str, settings: PrepareSettings,
     stats.sens_bytes = sens_path.stat().st_size
     timings = stats.timings
     images, points, indices, poses = [], [], [], []
+
+    def skip(index: int, reason: str, detail: str) -> None:
+        stats.skipped[reason] += 1
+        if reason in DAMAGE_REASONS:
+            stats.damaged_frames.append({"frame": index, "reason": reason, "detail": detail})
+
     tic = time.perf_counter()
     with SensReader(sens_path) as reader:
         header = reader.header
@@ -361,6 +452,7 @@ def _scene_pairs(sens_path: Path, scene_id: str, settings: PrepareSettings,
                 f"{sens_path}: colour compression {header.color_compression} is not JPEG (2); "
                 "pairs store the JPEG bytes as they are"
             )
+        check_intrinsics(header, settings.max_depth, str(sens_path))
         stats.frames_in_file = len(reader)
         declared = meta.get("numColorFrames")
         if declared is not None and declared.strip() != str(len(reader)):
@@ -372,8 +464,9 @@ def _scene_pairs(sens_path: Path, scene_id: str, settings: PrepareSettings,
             stats.frames_considered += 1
             # The pose alone decides whether a frame is usable: read it before any payload.
             pose = reader.pose(index)
-            if not pose_is_valid(pose):
-                stats.skipped["invalid_pose"] += 1
+            problem = pose_problem(pose)
+            if problem is not None:
+                skip(index, *problem)
                 continue
             frame = reader.frame(index)
             stats.frames_read += 1
@@ -382,6 +475,18 @@ def _scene_pairs(sens_path: Path, scene_id: str, settings: PrepareSettings,
             timings["read"] += toc - tic
             tic = toc
 
+            # The JPEG is stored, not decoded, here; checking it now names the .sens and the
+            # frame, where the teacher would only see "row k" of a prepared scene.
+            try:
+                check_jpeg(frame.color_bytes, header.color_width, header.color_height)
+            except ValueError as exc:
+                skip(index, "undecodable_color", f"colour payload: {exc}")
+                continue
+            finally:
+                toc = time.perf_counter()
+                timings["color_check"] += toc - tic
+                tic = toc
+
             depth = frame.decode_depth(header.depth_shift)
             toc = time.perf_counter()
             timings["depth_decode"] += toc - tic
@@ -389,7 +494,7 @@ def _scene_pairs(sens_path: Path, scene_id: str, settings: PrepareSettings,
 
             valid = (depth > 0) & (depth <= settings.max_depth)
             if int(np.count_nonzero(valid)) < settings.min_valid_points:
-                stats.skipped["too_few_valid_depth"] += 1
+                skip(index, "too_few_valid_depth", "")
                 continue
             camera = backproject_depth(depth, intrinsic_depth)
             toc = time.perf_counter()
@@ -405,8 +510,15 @@ def _scene_pairs(sens_path: Path, scene_id: str, settings: PrepareSettings,
             tic = toc
 
             to_world = pose.astype(np.float64) if align is None else align @ pose
-            world = transform_points(chosen, to_world)
-            world -= world.mean(axis=0, dtype=np.float64).astype(np.float32)
+            # The pose and the alignment passed their checks, so overflow here means data
+            # beyond what they cover: the check below skips the frame (numpy need not warn).
+            with np.errstate(over="ignore", invalid="ignore"):
+                world = transform_points(chosen, to_world)
+                world -= world.mean(axis=0, dtype=np.float64).astype(np.float32)
+            problem = find_non_finite(world)
+            if problem is not None:
+                skip(index, "non_finite_points", f"points: {problem}")
+                continue
             images.append({"bytes": frame.color_bytes, "path": None})
             points.append(world)
             indices.append(index)
@@ -417,6 +529,7 @@ def _scene_pairs(sens_path: Path, scene_id: str, settings: PrepareSettings,
         timings["read"] += time.perf_counter() - tic
     count = len(indices)
     stats.pairs = count
+    stats.images_sha256 = images_digest(image["bytes"] for image in images)
     p = settings.num_points
     return {
         "image": images,
@@ -438,6 +551,9 @@ def _write_scene(columns: dict[str, Any], stats: SceneStats, tmp: Path, final: P
         enable_progress_bars,
     )
 
+    # The last guard before writing: every frame was checked where its arrays were made.
+    for name in ("points", "pose", "intrinsic_color", "intrinsic_depth"):
+        require_finite(columns[name], f"{final} (column {name!r})")
     dataset = Dataset.from_dict(columns, features=pair_features(settings.num_points))
     was_disabled = are_progress_bars_disabled()
     disable_progress_bars()
@@ -477,7 +593,12 @@ def _summarise(stats: list[dict[str, Any]], settings: PrepareSettings, *, root: 
         "frames_considered": sum(s["frames_considered"] for s in ok),
         "frames_read": sum(s["frames_read"] for s in ok),
         "pairs_written": sum(s["pairs"] for s in ok),
-        "frames_skipped": {r: sum(s["skipped"][r] for s in ok) for r in SKIP_REASONS},
+        # .get: scenes prepared by an older cd2p (resumed) lack the newer reasons.
+        "frames_skipped": {r: sum(s["skipped"].get(r, 0) for s in ok) for r in SKIP_REASONS},
+        "damaged_frames": [{"scene": s["scene_id"], "file": str(sens_path_of(root, s["scene_id"])),
+                            **frame}
+                           for s in sorted(ok, key=lambda s: s["scene_id"])
+                           for frame in s.get("damaged_frames", [])],
         "errors": scene_jobs.scene_errors(stats),
         "warnings": scene_jobs.scene_warnings(stats),
         "scenes_without_axis_alignment": sorted(s["scene_id"] for s in ok
@@ -486,7 +607,7 @@ def _summarise(stats: list[dict[str, Any]], settings: PrepareSettings, *, root: 
         "pairs_this_run": new_pairs,
         "pairs_per_second": round(new_pairs / seconds, 2) if seconds > 0 else None,
         "sens_mb_per_second": round(new_bytes / 1e6 / seconds, 2) if seconds > 0 else None,
-        "time_split_seconds": {k: round(sum(s["timings"][k] for s in worked), 4)
+        "time_split_seconds": {k: round(sum(s["timings"].get(k, 0.0) for s in worked), 4)
                                for k in TIMING_KEYS},
         "per_scene": {s["scene_id"]: {k: s[k] for k in ("status", "pairs", "frames_in_file",
                                                          "skipped", "seconds", "error")}
@@ -538,7 +659,7 @@ def prepare_scannet(
                                min_valid_points=min_valid_points, seed=seed)
     scene_jobs.check_workers(workers)
     root, out = Path(root), Path(out)
-    scenes = shard_scenes(list_scenes(root, split, scenes_file), shard)
+    scenes = scene_jobs.select_scenes(root, split, scenes_file, shard, scene_file="{scene}.sens")
     task = functools.partial(prepare_scene, root, scenes_dir=out / "scenes", settings=settings)
 
     def summarise(stats: list[dict[str, Any]], seconds: float, interrupted: bool

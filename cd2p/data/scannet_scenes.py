@@ -63,8 +63,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cd2p._reading import reading
 from cd2p.data import scene_jobs
-from cd2p.data.common import dataset_source
+from cd2p.data.common import dataset_source, find_non_finite, require_finite
 from cd2p.data.scannet_files import (
     SegGroup,
     axis_alignment,
@@ -329,12 +330,17 @@ def prepare_scene_mesh(
         with _blame(meta_path):
             meta = read_scene_meta(meta_path)
             if "axisAlignment" in meta:
-                align = axis_alignment(meta, str(meta_path))
-                if not np.isfinite(align).all():
-                    raise _scene_error(meta_path, "axisAlignment holds non-finite numbers")
+                align = axis_alignment(meta, str(meta_path))  # refuses non-finite values
                 stats.axis_aligned = True
     vertices = mesh.vertices.astype(np.float64)
-    coord = (vertices @ align[:3, :3].T + align[:3, 3]).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # found by the check below
+        coord = (vertices @ align[:3, :3].T + align[:3, 3]).astype(np.float32)
+    # Vertices index the segments: one cannot be skipped, so a non-finite (or, once aligned,
+    # overflowing) vertex refuses the scene, naming the mesh.
+    problem = find_non_finite(coord)
+    if problem is not None:
+        where = "vertices after axisAlignment" if stats.axis_aligned else "vertices"
+        raise _scene_error(mesh_path, f"{where}: {problem}")
 
     # One box per detection-class instance over its aligned vertices (VoteNet's
     # load_scannet_data.py), ordered by instance id.
@@ -394,6 +400,9 @@ def prepare_scene(root: str | Path, scene_id: str, scenes_dir: str | Path,
     stats.boxes = len(arrays["box_class"])
     counts = Counter(DET_CLASS_NAMES[c] for c in arrays["box_class"].tolist())
     stats.boxes_per_class = {name: counts[name] for name in DET_CLASS_NAMES if counts[name]}
+    # The last guard before writing (the vertices were checked where they were made).
+    for key in ("coord", "box_center", "box_size"):
+        require_finite(arrays[key], f"{scenes_dir / scene_id / SCENE_FILE} ({key})")
     # Failing to write (disk full, permissions) is not the scene's fault: it stops the run.
     tmp.mkdir(parents=True)
     # One metadata key only: safetensors writes several in a random order (not reproducible).
@@ -497,8 +506,7 @@ def prepare_scannet_scenes(
     scene_jobs.check_workers(workers)
     root, out, labels = Path(root), Path(out), Path(labels)
     raw_to_nyu40, sha256 = load_label_table(labels)
-    scenes = scene_jobs.shard_scenes(
-        scene_jobs.list_scenes(root, split, scenes_file, scene_file=MESH_FILE), shard)
+    scenes = scene_jobs.select_scenes(root, split, scenes_file, shard, scene_file=MESH_FILE)
     splits = scene_splits(root)
     split_of = {s: splits[s] for s in scenes if s in splits}
     config = scenes_config(sha256, dataset_source(root, "scannet"))
@@ -617,7 +625,8 @@ def load_scene(out: str | Path | SceneSplit, scene_id: str) -> dict[str, torch.T
     path = root / "scenes" / scene_id / SCENE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: scene {scene_id!r} is not prepared in {root}")
-    tensors = load_file(str(path))
+    with reading(path, "prepare the scene again"):
+        tensors = load_file(str(path))
     missing = [k for k in _SCENE_KEYS if k not in tensors]
     if missing:
         raise ValueError(f"{path}: lacks tensor(s) {missing}; prepare the scene again")

@@ -14,7 +14,9 @@ Each h5 holds ``data`` ``(S, 2048, 3)`` float32, ``label`` ``(S,)`` integer clas
 are already centred and scaled, so unlike ModelNet40 they are not re-normalised (as in
 Point-MAE). ``cd2p prepare scanobjectnn ROOT OUT`` writes one classification cache (the format
 of :mod:`cd2p.data.classification`) per variant, ``OUT/objbg``, ``OUT/objonly``, ``OUT/hardest``,
-each cloud re-ordered by farthest point sampling.
+each cloud re-ordered by farthest point sampling. A cloud holding NaN or infinity is skipped
+(its id keeps its index in the h5 file) and listed under ``skipped`` in ``meta.json``; an h5
+file with no (usable) cloud is an error naming it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ import numpy as np
 
 from cd2p._atomic import atomic_output
 from cd2p.data.classification import save_classification_cache
-from cd2p.data.common import fps_order, progress_bar, staged_directory
+from cd2p.data.common import (
+    find_non_finite,
+    fps_order,
+    progress_bar,
+    require_items,
+    staged_directory,
+)
 
 SCANOBJECTNN_CLASSES = (
     "bag",
@@ -141,20 +149,36 @@ def prepare_scanobjectnn(
         data = {
             split: read_scanobjectnn_h5(variant_file(root, variant, split)) for split in SPLIT_STEMS
         }
+        skipped: list[dict[str, str]] = []
         with staged_directory(out / variant, overwrite) as tmp, progress_bar(show_progress) as bar:
             splits = {}
             for split, (points, labels) in data.items():
-                task = bar.add_task(f"{variant} fps {split}", total=len(points))
+                file = variant_file(root, variant, split)
+                # Ids keep the cloud's index in the h5 file, also when clouds before it are
+                # skipped, so that an id always names the same cloud of the release.
+                ids, keep = [], []
+                for i, cloud in enumerate(points):
+                    shape_id = f"{variant}_{split}_{i:05d}"
+                    problem = find_non_finite(cloud)
+                    if problem is None:
+                        ids.append(shape_id)
+                        keep.append(i)
+                    else:
+                        skipped.append({"split": split, "id": shape_id, "file": str(file),
+                                        "reason": f"cloud {i}: {problem}"})
+                what = f"usable clouds (all {len(points)} skipped)" if len(points) else "clouds"
+                require_items(len(keep), f"{file} (ScanObjectNN {variant} {split})", what)
+                task = bar.add_task(f"{variant} fps {split}", total=len(keep))
                 ordered = fps_order(
-                    list(points),
+                    [points[i] for i in keep],
                     points.shape[1],
                     device,
                     on_batch=lambda n, t=task: bar.advance(t, n),
                 )
-                ids = [f"{variant}_{split}_{i:05d}" for i in range(len(points))]
-                splits[split] = (ids, np.stack(ordered), labels)
+                splits[split] = (ids, np.stack(ordered), labels[keep])
             save_classification_cache(
-                tmp, f"scanobjectnn-{variant}", SCANOBJECTNN_CLASSES, splits, {"variant": variant}
+                tmp, f"scanobjectnn-{variant}", SCANOBJECTNN_CLASSES, splits, {"variant": variant},
+                skipped=skipped,
             )
         written.append(out / variant)
     return written

@@ -6,16 +6,20 @@ of one scene id (picklable: a module-level function, or a :func:`functools.parti
 that returns the scene's statistics as a dict with at least ``scene_id``, ``status``
 (``done`` or ``error``), ``warnings``, ``error`` and ``file``. This module does the rest:
 
-* which scenes: :func:`list_scenes` (split lists, ``all``, an explicit list) and
-  :func:`shard_scenes` (part ``I`` of ``N``);
+* which scenes: :func:`list_scenes` (split lists, ``all``, an explicit list),
+  :func:`shard_scenes` (part ``I`` of ``N``) and :func:`select_scenes` (both, refusing a
+  selection with nothing to prepare: an empty root, list or shard is an error naming it);
 * ``OUT/prepare_config.json``: written by the first run; a resumed run must use the same
   settings (:func:`check_config`);
 * resume: a scene whose ``OUT/scenes/<scene_id>/`` exists is finished (a scene is written
-  into ``OUT/scenes/.tmp-<scene_id>/`` and renamed when complete, see :func:`fresh_tmp_dir`
-  and :func:`commit_scene_dir`), and its stored statistics are reported as ``resumed``;
+  into ``OUT/scenes/.tmp-<scene_id>.<pid>-<random>/`` and renamed when complete, see
+  :func:`fresh_tmp_dir` and :func:`commit_scene_dir`), and its stored statistics are reported
+  as ``resumed``;
 * running the scene function over the other scenes in this process or in a spawn process
   pool (:func:`run_scene_jobs`), with a rich progress bar (scenes done plus a task-specific
-  counter such as pairs or vertices);
+  counter such as pairs or vertices). Workers die with the process that started them
+  (:func:`_worker_init`): after a ``kill -9`` of the command no worker goes on writing, and
+  since temporary names carry the writer's pid, a rerun never shares one with a leftover;
 * the report, written atomically when the run ends, also when it is interrupted
   (``KeyboardInterrupt`` or an exception): ``interrupted`` is then true and the scenes not
   reached are counted.
@@ -23,10 +27,16 @@ that returns the scene's statistics as a dict with at least ``scene_id``, ``stat
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import json
 import multiprocessing
 import os
+import secrets
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -34,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from cd2p._atomic import atomic_write_json
+from cd2p.data.common import EmptySplitError
 
 SCENE_STATS_FILE = "cd2p_scene.json"
 CONFIG_FILE = "prepare_config.json"
@@ -80,6 +91,9 @@ def list_scenes(root: str | Path, split: str, scenes_file: str | Path | None, *,
                 scene_file: str) -> list[str]:
     """Sorted, de-duplicated scene ids of a ScanNet root for a split or an explicit list.
 
+    An empty result is an :class:`~cd2p.data.common.EmptySplitError` naming the root or the
+    list, and so is a list none of whose scenes has its ``scene_file`` under ``root``.
+
     Args:
         root: ScanNet root holding ``scans/<scene>/``.
         split: ``train``/``val`` (ScanNet's split lists, see :func:`find_split_file`) or
@@ -104,6 +118,19 @@ def list_scenes(root: str | Path, split: str, scenes_file: str | Path | None, *,
         names = read_scene_list(find_split_file(root, split))
     else:
         raise ValueError(f"split must be train, val or all, got {split!r}")
+    example = "scans/<scene>/" + scene_file.format(scene="<scene>")
+    if not names:
+        if scenes_file is not None:
+            raise EmptySplitError(f"scene list {scenes_file} names no scene")
+        if split == "all":
+            raise EmptySplitError(f"{root}: no scene to prepare (no {example}; --split all)")
+        raise EmptySplitError(f"split list {find_split_file(root, split)} names no scene")
+    # A root without any of the listed scenes' files is a wrong ROOT (or a download that did
+    # not happen): one clear error, not one failed scene per listed name.
+    if not any((scans / name / scene_file.format(scene=name)).is_file() for name in names):
+        source = f"--scenes {scenes_file}" if scenes_file is not None else f"--split {split}"
+        raise EmptySplitError(f"{root}: none of the {len(set(names))} scene(s) of {source} "
+                              f"has a {example}")
     return sorted(set(names))
 
 
@@ -114,6 +141,19 @@ def shard_scenes(scenes: Sequence[str], shard: tuple[int, int]) -> list[str]:
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"shard must satisfy 0 <= I < N, got {index}/{count}")
     return sorted(scenes)[index::count]
+
+
+def select_scenes(root: str | Path, split: str, scenes_file: str | Path | None,
+                  shard: tuple[int, int], *, scene_file: str) -> list[str]:
+    """:func:`list_scenes`, then part ``shard`` of them (:func:`shard_scenes`); an empty
+    selection (see :func:`list_scenes`, or a shard beyond the number of scenes) is an
+    :class:`~cd2p.data.common.EmptySplitError`, never an empty successful run."""
+    scenes = list_scenes(root, split, scenes_file, scene_file=scene_file)
+    part = shard_scenes(scenes, shard)
+    if not part:
+        raise EmptySplitError(f"{root}: shard {shard[0]}/{shard[1]} of the {len(scenes)} "
+                              f"scene(s) is empty; use at most {len(scenes)} shard(s)")
+    return part
 
 
 def check_workers(workers: int) -> None:
@@ -174,19 +214,69 @@ def finished_scenes(scenes_dir: Path, scenes: Sequence[str]
     return done, remaining
 
 
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    try:  # Linux: a killed process nobody reaped yet still answers kill(0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def _tmp_owner(name: str, scene_id: str) -> int | None | bool:
+    """The pid in a temporary name of ``scene_id`` (``.tmp-<scene>.<pid>-<random>``), ``None``
+    for the name older cd2p versions used (``.tmp-<scene>``), ``False`` if the name is not a
+    temporary of this scene (another scene whose id starts with this one's)."""
+    base = f"{TMP_PREFIX}{scene_id}"
+    if name == base:
+        return None
+    pid = name[len(base) + 1:].split("-", 1)[0] if name.startswith(base + ".") else ""
+    return int(pid) if pid.isdigit() else False
+
+
 def fresh_tmp_dir(scenes_dir: Path, scene_id: str) -> Path:
-    """``scenes_dir/.tmp-<scene_id>``, removed if a previous, interrupted run left it (not
-    created: the caller makes it, or lets its writer make it)."""
-    tmp = Path(scenes_dir) / f"{TMP_PREFIX}{scene_id}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
+    """A temporary directory name for ``scene_id`` that only this process uses,
+    ``scenes_dir/.tmp-<scene_id>.<pid>-<random>`` (not created: the caller makes it, or lets
+    its writer make it).
+
+    Temporaries of this scene that an interrupted run left (the unsuffixed name of older
+    versions, or one whose process is gone) are removed first. One whose process still runs is
+    left alone: an orphaned worker finishing the scene writes only into its own directory, so
+    the two never mix (see :func:`commit_scene_dir` for who wins).
+    """
+    scenes_dir = Path(scenes_dir)
+    for stale in scenes_dir.glob(glob.escape(f"{TMP_PREFIX}{scene_id}") + "*"):
+        owner = _tmp_owner(stale.name, scene_id)
+        # This process's own is stale too: it prepares one scene at a time, so that one is
+        # from an earlier call that stopped half-way.
+        if owner is None or (owner is not False and (owner == os.getpid()
+                                                      or not _process_alive(owner))):
+            shutil.rmtree(stale, ignore_errors=True)
+    return scenes_dir / f"{TMP_PREFIX}{scene_id}.{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def commit_scene_dir(tmp: Path, final: Path, record: Mapping[str, Any]) -> None:
     """Write the scene's statistics into ``tmp`` (last), then rename ``tmp`` to ``final``: a
-    scene directory under its final name is always complete."""
-    (Path(tmp) / SCENE_STATS_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
-    os.replace(tmp, final)
+    scene directory under its final name is always complete.
+
+    If another process committed the scene first (a worker of an earlier, killed run that was
+    still finishing it), its directory is kept and ``tmp`` dropped: both were made from the
+    same files with the same settings (``prepare_config.json`` is checked on every run).
+    """
+    tmp, final = Path(tmp), Path(final)
+    (tmp / SCENE_STATS_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / SCENE_STATS_FILE).is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- report parts
@@ -284,7 +374,8 @@ def _run_tasks(task: SceneTask, scenes: list[str], workers: int) -> Iterator[dic
         return
     # spawn: safe with threads (torch, datasets) in the parent and the same on every OS.
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(scenes)), mp_context=context)
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(scenes)), mp_context=context,
+                               initializer=_worker_init, initargs=(os.getpid(),))
     try:
         pending: set[Future] = set()
         queue = list(reversed(scenes))
@@ -297,6 +388,54 @@ def _run_tasks(task: SceneTask, scenes: list[str], workers: int) -> Iterator[dic
                 yield future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------- worker lifetime
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_PARENT_POLL_SECONDS = 0.5
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Run first in every worker process: tie the worker's life to its parent's.
+
+    A worker blocked on the task queue, or busy with a scene, does not notice on its own that
+    the parent was killed (``kill -9``, the OOM killer): it would finish the scene and write
+    it, or wait forever. On Linux the kernel sends it SIGKILL when the parent dies
+    (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon thread polls ``os.getppid()`` and exits
+    the process when the parent has changed. A parent that died before this ran is caught by
+    the ``getppid`` check at the end.
+
+    ``PR_SET_PDEATHSIG`` fires when the *thread* that created the worker ends: the pool is
+    created and fed from one thread in :func:`_run_tasks` (``ProcessPoolExecutor`` spawns its
+    workers from ``submit``, in the calling thread) and shut down before that call returns.
+    """
+    if not _die_with_parent():
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
+                         name="cd2p-parent-watch").start()
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _die_with_parent() -> bool:
+    """Ask Linux to SIGKILL this process when its parent dies; False where that is not
+    available (another OS, no libc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """The fallback of :func:`_worker_init`: exit at once (no cleanup, like SIGKILL) when the
+    parent is gone, which shows as a new parent pid (the process was re-parented)."""
+    while True:
+        time.sleep(_PARENT_POLL_SECONDS)
+        if os.getppid() != parent_pid:
+            os._exit(1)
 
 
 class SceneProgress:

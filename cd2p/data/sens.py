@@ -171,6 +171,31 @@ def decode_jpeg(data: bytes) -> np.ndarray:
         raise ValueError(f"not a decodable image ({len(data)} bytes): {exc}") from None
 
 
+def check_jpeg(data: bytes, width: int = 0, height: int = 0) -> None:
+    """Raise ``ValueError`` unless ``data`` is a whole, decodable JPEG (of ``width`` x
+    ``height`` when given); returns nothing.
+
+    The image is decoded at 1/8 scale (PIL's ``draft``, libjpeg's DCT scaling): every
+    entropy-coded byte is still read, so garbage bytes, a truncated payload and much damage
+    inside the stream are found, at less than half the cost of a full decode (about 1.2 ms
+    instead of 2.9 ms for a 640x480 JPEG, 4.3 instead of 7.7 ms at ScanNet's 1296x968, on one
+    CPU core). ``Image.verify()`` would not do: for JPEG it checks nothing. Relies on PIL's
+    default ``ImageFile.LOAD_TRUNCATED_IMAGES = False``, which cd2p never changes.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "JPEG":
+                raise ValueError(f"a {image.format} image, not a JPEG")
+            size = image.size
+            image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        # SyntaxError: what PIL's plugins raise for some malformed headers.
+        raise ValueError(f"not a decodable JPEG ({len(data)} bytes): {exc}") from None
+    if width and size != (width, height):
+        raise ValueError(f"JPEG is {size[0]}x{size[1]}, the header says {width}x{height}")
+
+
 def decode_raw_color(data: bytes, width: int, height: int) -> np.ndarray:
     """Raw RGB bytes -> ``np.uint8 (H, W, 3)``."""
     if len(data) != width * height * 3:

@@ -14,12 +14,15 @@ this format) gets the parts its shapes use.
 
 The **part-segmentation cache** (``cd2p prepare shapenetpart ROOT OUT``)::
 
-    OUT/meta.json              format, category names, synsets, parts per category, shape ids
+    OUT/meta.json              format, category names, synsets, parts per category, shape
+                               ids, and ``skipped``: shapes left out (their file and why)
     OUT/<split>.safetensors    points (T, 3) float32 (every shape centred and scaled into the
                                unit sphere), labels (T,) int16, offsets (S + 1,) int64 (shape
                                i is rows offsets[i]:offsets[i+1]), categories (S,) int64
 
 All points of every shape are kept (shapes have 500 to 3000); loaders sample 2048 per item.
+A shape file holding ``nan`` or ``inf`` is skipped, listed under ``skipped`` and printed by the
+command; a split with no shape is an error naming its list file.
 """
 
 from __future__ import annotations
@@ -35,14 +38,19 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from cd2p._atomic import atomic_write_text
+from cd2p._reading import reading
 from cd2p.data.common import (
     META_FILE,
+    NonFiniteError,
     dataset_source,
     normalize_unit_sphere,
     progress_bar,
     read_cache_meta,
     read_lines,
     read_shape_txt,
+    require_finite,
+    require_items,
+    skipped_shape,
     staged_directory,
 )
 
@@ -206,12 +214,17 @@ class PartSegSplit:
 def prepare_shapenetpart(
     root: str | Path, out: str | Path, overwrite: bool = False, show_progress: bool = True
 ) -> Path:
-    """Parse ShapeNetPart once into a part-segmentation cache at ``out``."""
+    """Parse ShapeNetPart once into a part-segmentation cache at ``out``.
+
+    A shape file with non-finite numbers is skipped and listed under ``skipped`` in
+    ``meta.json``; a split with no (usable) shape is an error naming its list file.
+    """
     root, out = Path(root), Path(out)
     categories = read_categories(root)
     cat_of = {synset: i for i, (_, synset) in enumerate(categories)}
     lists = {split: read_split_list(root, split) for split in SPLITS}
     seen_parts: list[set[int]] = [set() for _ in categories]
+    skipped: list[dict[str, str]] = []
     with staged_directory(out, overwrite) as tmp, progress_bar(show_progress) as bar:
         meta_splits = {}
         for split, entries in lists.items():
@@ -223,7 +236,14 @@ def prepare_shapenetpart(
                         f"{root / SPLIT_JSON.format(split=split)}: synset {synset} of {shape_id} "
                         f"is not in {CATEGORY_FILE}"
                     )
-                xyzn, parts = read_part_shape(root / synset / f"{shape_id}.txt")
+                file = root / synset / f"{shape_id}.txt"
+                try:
+                    xyzn, parts = read_part_shape(file)
+                except NonFiniteError as exc:
+                    # One damaged shape file must not poison the cache or stop the run.
+                    skipped.append(skipped_shape(split, f"{synset}/{shape_id}", file, exc))
+                    bar.advance(task)
+                    continue
                 points.append(normalize_unit_sphere(xyzn[:, :3]))
                 labels.append(parts)
                 offsets.append(offsets[-1] + len(parts))
@@ -231,14 +251,16 @@ def prepare_shapenetpart(
                 seen_parts[cat_of[synset]].update(int(p) for p in np.unique(parts))
                 ids.append(f"{synset}/{shape_id}")
                 bar.advance(task)
+            list_file = root / SPLIT_JSON.format(split=split)
+            what = "shapes" if not entries else f"usable shapes (all {len(entries)} skipped)"
+            require_items(len(ids), f"{list_file} (ShapeNetPart {split})", what)
+            # The last guard before writing (the shapes were checked where they were read).
+            all_points = require_finite(np.concatenate(points),
+                                        f"{split}.safetensors (ShapeNetPart {split})")
             save_file(
                 {
-                    "points": torch.from_numpy(
-                        np.concatenate(points) if points else np.zeros((0, 3), np.float32)
-                    ),
-                    "labels": torch.from_numpy(
-                        np.concatenate(labels).astype(np.int16) if labels else np.zeros(0, np.int16)
-                    ),
+                    "points": torch.from_numpy(all_points),
+                    "labels": torch.from_numpy(np.concatenate(labels).astype(np.int16)),
                     "offsets": torch.tensor(offsets, dtype=torch.int64),
                     "categories": torch.tensor(cats, dtype=torch.int64),
                 },
@@ -264,20 +286,30 @@ def prepare_shapenetpart(
             "synsets": [s for _, s in categories],
             "category_parts": category_parts,
             "splits": meta_splits,
+            "skipped": skipped,
         }
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1))
     return out
 
 
 def load_partseg_cache(path: str | Path, split: str) -> PartSegSplit:
-    """Load ``train``, ``val``, ``test`` or ``trainval`` (train + val) of a prepared dataset."""
+    """Load ``train``, ``val``, ``test`` or ``trainval`` (train + val) of a prepared dataset.
+
+    A split with no shapes is an error naming its file.
+    """
     path = Path(path)
     meta = read_cache_meta(path, CACHE_FORMAT)
     names = split.split("+") if split != "trainval" else ["train", "val"]
     for name in names:
         if name not in meta["splits"]:
             raise ValueError(f"{path} has no split {name!r}; it holds {', '.join(meta['splits'])}")
-    parts = [load_file(str(path / f"{name}.safetensors")) for name in names]
+    parts = []
+    for name in names:
+        with reading(path / f"{name}.safetensors", "prepare the data again"):
+            parts.append(load_file(str(path / f"{name}.safetensors")))
+    for name, part in zip(names, parts, strict=True):
+        require_items(len(part["categories"]), f"{path / name}.safetensors (split {name!r})",
+                      "shapes")
     offsets = [torch.zeros(1, dtype=torch.int64)]
     total = 0
     for p in parts:

@@ -8,25 +8,32 @@ pairs contract)::
     PAIRS/targets/<target>/<scene_id>.safetensors
         "targets": float16 (N, T, C) in the scene dataset's row order
                    ((10, 768) for target "prefix", (1, 512) for "clip")
-        metadata:  {"teacher": <description>, "random_teacher": "true" | "false"}
+        metadata:  {"teacher": <description>, "random_teacher": "true" | "false",
+                    "images_sha256": <digest of the scene's JPEGs the targets come from>}
     PAIRS/targets/<target>/.<scene_id>.safetensors.<random>.tmp   being written (then renamed)
 
 Several targets (``prefix`` and ``clip``) come from one CLIP pass per image
 (:meth:`Teacher.compute`); each has its own file, and its metadata names what computes it
 (``"clip"`` files name CLIP alone, so the same CLIP with or without the mapper is one teacher).
 
-A scene counts as done when its targets files open, hold ``N`` rows of the right shape and
-were written by the same kind of teacher; anything else (no file, a stale temporary, a
-truncated or mis-shaped file) is computed again, so an interrupted run resumes where it
-stopped. Targets of a *random* teacher next to real ones (or of another random seed) are an
-error unless ``overwrite`` is set: mixing them in one pre-training set would be silent and
-wrong. Two real teachers whose descriptions differ only name their weight files differently
-(the Hub download vs. a local copy of the same file), so they are not told apart.
+A scene counts as done when its targets files open, hold ``N`` rows of the right shape, were
+written by the same kind of teacher and from the same images: their ``images_sha256`` equals
+the scene's (:func:`cd2p.data.scannet_pairs.images_digest` of its JPEGs in row order, read
+from the scene's ``cd2p_scene.json`` or, for pairs without it, hashed from the dataset).
+Anything else (no file, a stale temporary, a truncated or mis-shaped file, a scene re-prepared
+with other frames but the same row count, targets written before the digest existed) is
+computed again, so an interrupted run resumes where it stopped; ``TargetsPlan.outdated`` says
+which scenes are recomputed because of their images. Targets of a *random* teacher next to
+real ones (or of another random seed) are an error unless ``overwrite`` is set: mixing them
+in one pre-training set would be silent and wrong. Two real teachers whose descriptions
+differ only name their weight files differently (the Hub download vs. a local copy of the
+same file), so they are not told apart.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,10 +45,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from cd2p._atomic import atomic_output
 from cd2p.data.pairs import scene_dirs, target_file
+from cd2p.data.scene_jobs import SCENE_STATS_FILE
 from cd2p.models.teacher import TARGETS, Teacher, clip_transform, decode_image, target_shape
 
 TARGETS_DIR = "targets"
 TENSOR_NAME = "targets"
+IMAGES_KEY = "images_sha256"  # in the targets' metadata and the scene's cd2p_scene.json
 
 
 def targets_metadata(teacher: Teacher, target: str | None = None) -> dict[str, str]:
@@ -85,11 +94,12 @@ def write_targets(path: str | Path, targets: torch.Tensor, metadata: dict[str, s
     """Write ``targets (N, T, C)`` as float16 to ``path`` atomically (temp name + os.replace)."""
     from safetensors.torch import save_file
 
+    from cd2p.data.common import require_finite
+
     path = Path(path)
     half = targets.detach().to("cpu", torch.float16).contiguous()
-    if not torch.isfinite(half).all():
-        # fp16 overflows above 65504; a real CLIP/ClipCap target never comes close.
-        raise ValueError(f"non-finite teacher targets for {path} (float16 overflow or NaN input)")
+    # fp16 overflows above 65504; a real CLIP/ClipCap target never comes close.
+    require_finite(half, f"teacher targets for {path} (float16 overflow or NaN input)")
     with atomic_output(path) as tmp:
         save_file({TENSOR_NAME: half}, str(tmp), metadata=metadata)
 
@@ -109,11 +119,13 @@ def _other_teacher(found: dict[str, str], wanted: dict[str, str]) -> bool:
 
 @dataclass(frozen=True)
 class SceneJob:
-    """One scene dataset and the targets files it needs (one per target, in plan order)."""
+    """One scene dataset and the targets files it needs (one per target, in plan order);
+    ``images_sha256`` is the digest of its JPEGs, stored with the targets."""
 
     scene_dir: Path
     rows: int
     outs: tuple[Path, ...]
+    images_sha256: str = ""
 
     @property
     def scene_id(self) -> str:
@@ -139,6 +151,9 @@ class TargetsPlan:
     to_compute: list[SceneJob] = field(default_factory=list)
     done: list[SceneJob] = field(default_factory=list)
     targets: tuple[str, ...] = ()
+    # scene id -> why its complete-looking targets are recomputed: other images (the scene was
+    # re-prepared) or no images_sha256 (targets of an older cd2p, recomputed once)
+    outdated: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.targets = self.targets or parse_targets(self.target)
@@ -166,10 +181,27 @@ class TargetsSummary:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-def _scene_rows(scene_dir: Path) -> int:
+def scene_images(scene_dir: Path) -> tuple[int, str]:
+    """``(rows, images_sha256)`` of a prepared scene.
+
+    The digest comes from the scene's ``cd2p_scene.json`` (``prepare scannet`` computes it
+    from the bytes it stores, so planning reads no image); scenes without it (pairs written by
+    an older cd2p or by other tools) are hashed from the dataset's image column, which reads
+    the JPEG bytes once (about the scene's size, tens of MB, undecoded).
+    """
     from datasets import load_from_disk
 
-    return len(load_from_disk(str(scene_dir)))
+    from cd2p.data.scannet_pairs import images_digest
+
+    data = load_from_disk(str(scene_dir))
+    stats_file = scene_dir / SCENE_STATS_FILE
+    if stats_file.is_file():
+        digest = json.loads(stats_file.read_text(encoding="utf-8")).get(IMAGES_KEY)
+        if digest:
+            return len(data), digest
+    column = data.data.column("image")  # Arrow structs {bytes, path}: nothing is decoded
+    images = (value for chunk in column.chunks for value in chunk.field("bytes").to_pylist())
+    return len(data), images_digest(images)
 
 
 def plan_teacher_targets(
@@ -195,7 +227,8 @@ def plan_teacher_targets(
     plan = TargetsPlan(",".join(names), teacher.description, teacher.is_random, targets=names)
     for scene_dir in scene_dirs(roots)[index::count]:
         outs = tuple(target_file(scene_dir, name) for name in names)
-        job = SceneJob(scene_dir, _scene_rows(scene_dir), outs)
+        rows, digest = scene_images(scene_dir)
+        job = SceneJob(scene_dir, rows, outs, images_sha256=digest)
         complete = True
         for name, out in zip(names, outs, strict=True):
             header = read_targets_header(out)
@@ -210,6 +243,13 @@ def plan_teacher_targets(
                     "one pre-training set must not mix teachers: pass --overwrite to "
                     f"recompute all of {out.parent}, or use another PAIRS copy"
                 )
+            if this and header[2].get(IMAGES_KEY) != job.images_sha256:
+                # Same row count, other (or unknown) images: the rows would be silently wrong.
+                plan.outdated[job.scene_id] = (
+                    "computed from other images (the scene was prepared again)"
+                    if header[2].get(IMAGES_KEY) else
+                    "no images_sha256 (targets of an older cd2p, recomputed once)")
+                this = False
             complete = complete and this
         (plan.done if complete and not overwrite else plan.to_compute).append(job)
     return plan
@@ -303,7 +343,8 @@ def write_teacher_targets(
             for name, out in zip(names, job.outs, strict=True):
                 parts = filled[name]
                 rows = torch.cat(parts) if parts else torch.empty(0, *target_shape(name))
-                write_targets(out, rows[: job.rows], metadata[name])
+                write_targets(out, rows[: job.rows],
+                              {**metadata[name], IMAGES_KEY: job.images_sha256})
                 filled[name] = [rows[job.rows :]]
             have -= job.rows
 
