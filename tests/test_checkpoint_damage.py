@@ -21,12 +21,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 from rich.console import Console
+
+# The toy problem of the trainer's own tests (a resume there is already bit-exact).
+from test_engine import Clouds, TinyNet, augment, recipe
 from torch import nn
 
 from cd2p._atomic import atomic_directory, remove_stale_temporaries
 from cd2p.cli import main
 from cd2p.config import Recipe, apply_overrides, load_recipe
-from cd2p.engine import Trainer, scale_and_translate, seed_everything
+from cd2p.engine import Trainer, seed_everything
 from cd2p.engine.checkpoint import (
     CheckpointDamaged,
     NoIntactCheckpoint,
@@ -38,58 +41,6 @@ from cd2p.engine.checkpoint import (
     verify_checkpoint,
 )
 from cd2p.engine.trainer import TrainingDiverged
-
-
-class Clouds(torch.utils.data.Dataset):
-    """Small point clouds whose target is a fixed function of their per-axis spread."""
-
-    def __init__(self, n: int = 48, points: int = 32) -> None:
-        gen = torch.Generator().manual_seed(1)
-        scale = torch.rand(n, 1, 3, generator=gen) * 2 + 0.2
-        self.points = torch.randn(n, points, 3, generator=gen) * scale
-        self.target = self.points.std(dim=1) @ torch.randn(3, 2, generator=gen)
-
-    def __len__(self) -> int:
-        return len(self.points)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"points": self.points[i], "target": self.target[i]}
-
-
-class TinyNet(nn.Module):
-    """PointNet-like regressor with BatchNorm and dropout (buffers and RNG use to restore)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.point = nn.Sequential(nn.Linear(3, 32), nn.BatchNorm1d(32), nn.ReLU())
-        self.head = nn.Sequential(nn.Dropout(0.1), nn.Linear(32, 2))
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        b, n, _ = batch["points"].shape
-        x = self.point[0](batch["points"]).reshape(b * n, -1)
-        x = self.point[2](self.point[1](x)).reshape(b, n, -1).amax(dim=1)
-        loss = nn.functional.mse_loss(self.head(x), batch["target"])
-        return {"loss": loss, "loss_mse": loss.detach()}
-
-
-def augment(batch, ctx):
-    batch["points"] = scale_and_translate(batch["points"], ctx.generator, 0.9, 1.1, 0.1)
-    return batch
-
-
-def recipe(*overrides: str) -> Recipe:
-    """24 steps of 8 samples (6 per epoch), logged every 2, a checkpoint every 4."""
-    base = [
-        "data.batch_size=8",
-        "data.num_workers=0",
-        "schedule.epochs=4",
-        "schedule.warmup_epochs=1",
-        "run.log_every=2",
-        "run.checkpoint_every=4",
-        "run.keep_checkpoints=null",
-        "optim.lr=0.01",
-    ]
-    return apply_overrides(Recipe(), [*base, *overrides])
 
 
 def train(run_dir: Path, r: Recipe, resume: bool = False, stop_after: int | None = None, **kw):

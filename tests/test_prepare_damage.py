@@ -28,6 +28,9 @@ from datasets import Image, load_from_disk
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+# The small .sens geometry of the preparation tests.
+from test_prepare_scannet import COLOR_H, COLOR_W, DEPTH_H, DEPTH_W, K_COLOR, K_DEPTH, SMALL
+
 import cd2p.data.sens as sens
 from cd2p.cli import main
 from cd2p.data import scene_jobs
@@ -49,13 +52,6 @@ from cd2p.data.synthetic import generate_synthetic_scannet
 from cd2p.data.teacher_targets import plan_teacher_targets, prepare_teacher_targets
 from cd2p.models.teacher import Teacher
 
-DEPTH_W, DEPTH_H = 32, 24
-COLOR_W, COLOR_H = 64, 48
-K_DEPTH = np.array([[30.0, 0, 15.5, 0], [0, 30.0, 11.5, 0], [0, 0, 1, 0], [0, 0, 0, 1]],
-                   dtype=np.float32)
-K_COLOR = np.array([[60.0, 0, 31.5, 0], [0, 60.0, 23.5, 0], [0, 0, 1, 0], [0, 0, 0, 1]],
-                   dtype=np.float32)
-SMALL = {"num_points": 64, "min_valid_points": 50, "progress": False}
 CLI_SMALL = ["--points", "64", "--min-valid-points", "50"]
 FRAME_HEADER = struct.Struct("<16f4Q")  # pose, timestamps, payload sizes (sens._FRAME)
 
