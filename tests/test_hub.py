@@ -95,6 +95,9 @@ def test_a_missing_local_path_fails_at_once_without_asking_the_hub(tmp_path, mon
         for load in (cd2p.from_pretrained, cd2p.Cd2pBackbone.from_pretrained, load_backbone):
             with pytest.raises(FileNotFoundError, match="no such local directory"):
                 load(name)
+    # The nearest existing folder is named once, with one separator, even when it is the root.
+    with pytest.raises(FileNotFoundError, match=r"\(/ exists\)"):
+        cd2p.from_pretrained("/cd2p-no-such-dir/model")
     runner = CliRunner()
     result = runner.invoke(main, ["evaluate", "classification", "--model", "runs/mn40",
                                   "--data", str(tmp_path)])  # fmt: skip

@@ -91,6 +91,22 @@ class Cd2pTaskModel(nn.Module, Cd2pHubMixin):
         return model
 
     @classmethod
+    def build(
+        cls: type[M],
+        pretrained: Cd2pBackbone | None,
+        backbone_settings: dict[str, Any],
+        **kwargs: Any,
+    ) -> M:
+        """A new task model for a recipe whose ``model`` section is ``backbone_settings``: it
+        starts from ``pretrained``'s weights with the recipe's per-task settings
+        (:data:`PER_TASK_BACKBONE_KEYS`), or, without ``pretrained``, from scratch with all of
+        them. ``kwargs`` go to the constructor."""
+        if pretrained is None:
+            return cls(backbone=dict(backbone_settings), **kwargs)
+        per_task = {key: backbone_settings[key] for key in PER_TASK_BACKBONE_KEYS}
+        return cls.from_backbone(pretrained, per_task, **kwargs)
+
+    @classmethod
     def task_backbone_config(cls, pretrained_config: dict[str, Any]) -> dict[str, Any]:
         """The backbone settings of a task model started from a backbone with
         ``pretrained_config`` (the same, unless the task reshapes the backbone)."""

@@ -120,11 +120,7 @@ def build_model(recipe: Recipe, data: ClassificationSplit, backbone: Cd2pBackbon
         class_names=data.class_names,
         num_points=recipe.data.num_points,
     )
-    if backbone is not None:
-        per_task = {k: getattr(recipe.model, k) for k in ("num_groups", "group_size",
-                                                           "drop_path_rate")}  # fmt: skip
-        return Cd2pForClassification.from_backbone(backbone, per_task, **kwargs)
-    return Cd2pForClassification(backbone=recipe.model.backbone_kwargs(), **kwargs)
+    return Cd2pForClassification.build(backbone, recipe.model.backbone_kwargs(), **kwargs)
 
 
 class ClassificationStep(nn.Module):

@@ -67,11 +67,7 @@ def build_model(recipe: Recipe, data: PartSegSplit, backbone: Cd2pBackbone | Non
         category_parts=data.category_parts,
         num_points=recipe.data.num_points,
     )
-    if backbone is not None:
-        per_task = {k: getattr(recipe.model, k) for k in ("num_groups", "group_size",
-                                                           "drop_path_rate")}  # fmt: skip
-        return Cd2pForPartSegmentation.from_backbone(backbone, per_task, **kwargs)
-    return Cd2pForPartSegmentation(backbone=recipe.model.backbone_kwargs(), **kwargs)
+    return Cd2pForPartSegmentation.build(backbone, recipe.model.backbone_kwargs(), **kwargs)
 
 
 class PartSegStep(nn.Module):

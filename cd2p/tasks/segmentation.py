@@ -158,11 +158,7 @@ def build_model(recipe: Recipe, data: SceneSplit, backbone: Cd2pBackbone | None)
         class_names=list(data.class_names),
         num_points=recipe.data.num_points,
     )
-    if backbone is not None:
-        per_task = {k: getattr(recipe.model, k) for k in ("num_groups", "group_size",
-                                                           "drop_path_rate")}  # fmt: skip
-        return Cd2pForSemanticSegmentation.from_backbone(backbone, per_task, **kwargs)
-    return Cd2pForSemanticSegmentation(backbone=recipe.model.backbone_kwargs(), **kwargs)
+    return Cd2pForSemanticSegmentation.build(backbone, recipe.model.backbone_kwargs(), **kwargs)
 
 
 class SegmentationStep(nn.Module):
