@@ -21,9 +21,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from rich.console import Console
-
-# The toy problem of the trainer's own tests (a resume there is already bit-exact).
-from test_engine import Clouds, TinyNet, augment, recipe
 from torch import nn
 
 from cd2p._atomic import atomic_directory, remove_stale_temporaries
@@ -41,6 +38,9 @@ from cd2p.engine.checkpoint import (
     verify_checkpoint,
 )
 from cd2p.engine.trainer import TrainingDiverged
+
+# The toy problem of the trainer's own tests (a resume there is already bit-exact).
+from test_engine import Clouds, TinyNet, augment, recipe
 
 
 def train(run_dir: Path, r: Recipe, resume: bool = False, stop_after: int | None = None, **kw):

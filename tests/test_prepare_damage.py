@@ -28,9 +28,6 @@ from datasets import Image, load_from_disk
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-# The small .sens geometry of the preparation tests.
-from test_prepare_scannet import COLOR_H, COLOR_W, DEPTH_H, DEPTH_W, K_COLOR, K_DEPTH, SMALL
-
 import cd2p.data.sens as sens
 from cd2p.cli import main
 from cd2p.data import scene_jobs
@@ -51,6 +48,9 @@ from cd2p.data.shapenetpart import load_partseg_cache, prepare_shapenetpart, wri
 from cd2p.data.synthetic import generate_synthetic_scannet
 from cd2p.data.teacher_targets import plan_teacher_targets, prepare_teacher_targets
 from cd2p.models.teacher import Teacher
+
+# The small .sens geometry of the preparation tests.
+from test_prepare_scannet import COLOR_H, COLOR_W, DEPTH_H, DEPTH_W, K_COLOR, K_DEPTH, SMALL
 
 CLI_SMALL = ["--points", "64", "--min-valid-points", "50"]
 FRAME_HEADER = struct.Struct("<16f4Q")  # pose, timestamps, payload sizes (sens._FRAME)

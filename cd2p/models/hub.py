@@ -52,9 +52,8 @@ def check_local_path(name: str | Path, what: str = "model") -> None:
     )
     if local:
         parent = next((p for p in path.parents if p.is_dir()), None)
-        # str(Path("/")) already ends with the separator: "/ exists", not "// exists".
-        shown = str(parent) if str(parent).endswith(("/", "\\")) else f"{parent}/"
-        where = f" ({shown} exists)" if parent not in (None, Path(".")) else ""
+        # os.path.join(..., "") ends the name with one separator, also for the root "/".
+        where = f" ({os.path.join(parent, '')} exists)" if parent not in (None, Path(".")) else ""
         raise FileNotFoundError(
             f"{what} {text}: no such local directory{where}; a Hub model is named org/name"
         )
